@@ -1,0 +1,86 @@
+"""Defaults every experiment starts from, and the `:variant` argument parser.
+
+Every field here is reachable from the command line, e.g.
+`--config.optim.lr=0.1 --config.mrl.nesting="(8,16,32)"`.
+"""
+
+import ml_collections
+
+VARIANTS = ("runlocal", "synthetic")
+
+
+def parse_variants(arg):
+  """'runlocal,synthetic' → {'runlocal', 'synthetic'}, rejecting unknown words."""
+  words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+  unknown = words - set(VARIANTS)
+  if unknown:
+    raise ValueError(f"Unknown config variant(s) {sorted(unknown)}; known: {VARIANTS}. "
+                     "Use e.g. --config=configs/demo.py:runlocal or :runlocal,synthetic.")
+  return words
+
+
+def get_base_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_classes = 1000
+  # Length of training: exactly one of total_steps / num_epochs is > 0.
+  c.total_steps = 0
+  c.num_epochs = 0.0
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="resnet", variant="50", dtype="float32", param_dtype="float32", remat=False,
+      options=ml_collections.ConfigDict()))
+
+  c.mrl = ml_collections.ConfigDict(dict(
+      mode="mrl",             # mrl | mrl_e | ff | none
+      nesting=(),             # () → the paper's default for the embedding width
+      ff_dim=0,               # k of the FF-k baseline (mode "ff")
+      weights=(),             # c_m per nesting dim; () → all 1
+      loss="softmax",         # softmax | sigmoid (multi-label, JFT)
+      label_smoothing=0.0,
+      head_bias_init=0.0))
+
+  c.input = ml_collections.ConfigDict(dict(
+      source="synthetic",     # synthetic | digits | tfds
+      image_size=224,
+      batch_size=256,         # global, over all processes
+      eval_batch_size=256,
+      flip=False,
+      workers=0,              # grain worker processes per host (0: in-process)
+      multi_label=False,
+      synthetic_sizes=ml_collections.ConfigDict(dict(train=10_000, val=1_000)),
+      data_dir="",
+      tfds_name="",
+      splits=ml_collections.ConfigDict(dict(train="train", val="validation"))))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.1, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
+      weight_decay=0.0, no_decay=r"pos_embed|cls_token|probe",
+      schedule="cosine", warmup_steps=0, end_lr_fraction=0.0, clip_norm=0.0))
+  c.microbatches = 1        # gradient accumulation: slices of the global batch per step
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  # (regex, spec) searched against train-state paths; see mrl_jax/sharding.py.
+  c.sharding_rules = ((r"(^|/)head/.*kernel$", (None, "model")),
+                      (r"(^|/)head/.*bias$", ("model",)),
+                      (r".*", "fsdp"))
+
+  c.log_every = 50
+  c.eval_every = 1000       # 0: only at the end
+  c.eval_max_batches = 0    # 0: the whole val split
+  return c
+
+
+def runlocal(c, *, image_size=32, batch_size=16, total_steps=4):
+  """Shrinks any experiment to seconds on a CPU, keeping its structure."""
+  c.input.image_size = image_size
+  c.input.batch_size = batch_size
+  c.input.eval_batch_size = batch_size
+  c.input.synthetic_sizes = ml_collections.ConfigDict(dict(train=256, val=64))
+  c.total_steps = total_steps
+  c.num_epochs = 0.0
+  c.optim.warmup_steps = min(c.optim.warmup_steps, 1)
+  c.log_every = 1
+  c.eval_every = 0
+  c.eval_max_batches = 2
+  return c

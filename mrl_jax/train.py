@@ -1,0 +1,143 @@
+"""The training loop: build → step → log / evaluate → report. Side effects live here only."""
+
+import time
+from typing import Any, Dict
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from mrl_jax import config_checks, data, mrl, optim, report, sharding, steps
+from mrl_jax.data import pipeline
+from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
+
+
+def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir`; returns the final per-dim evaluation."""
+  start = time.time()
+  mesh = sharding.make_mesh(config.mesh)
+  config_checks.check_config(config, sharding.data_parallel_size(mesh))
+  # Data first: a missing dataset must fail before minutes of compilation.
+  train_source = data.build_source(config.input, "train", num_classes=config.num_classes)
+  val_source = data.build_source(config.input, "val", num_classes=config.num_classes)
+  total_steps = config_checks.total_steps(config, len(train_source))
+
+  def build_model():
+    return mrl.build_classifier(
+        config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+
+  abstract_model = nnx.eval_shape(build_model)  # Validates nesting etc. without allocating.
+  dims = abstract_model.head.dims
+  abstract_params = steps.split_model(abstract_model)[1]
+  tx, schedule = optim.make_optimizer(config.optim, total_steps, abstract_params)
+  graphdef, abstract_state = steps.abstract_train_state(build_model, tx)
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
+  batch_sharding = sharding.batch_sharding(mesh)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  logging.info("Model %s %s, head %s, %s params, nesting %s, %d classes.",
+               config.model.name, config.model.variant, config.mrl.mode,
+               f"{num_params:,}", list(dims), config.num_classes)
+  logging.info("Mesh %s over %d devices (%d processes); %d train / %d val examples; "
+               "%d steps of batch %d.", dict(mesh.shape), mesh.devices.size,
+               jax.process_count(), len(train_source), len(val_source), total_steps,
+               config.input.batch_size)
+  logging.info("Sharded leaves:\n%s", sharding.describe(state_shardings, abstract_state))
+
+  loss_kwargs = dict(loss_type=config.mrl.loss, label_smoothing=config.mrl.label_smoothing,
+                     weights=tuple(config.mrl.weights) or None)
+  state = steps.init_train_state(build_model, tx, state_shardings)
+  train_step = steps.make_train_step(graphdef, tx, schedule, state_shardings, batch_sharding,
+                                     loss_kwargs=loss_kwargs, microbatches=config.microbatches)
+  eval_step = steps.make_eval_step(graphdef, state_shardings, batch_sharding,
+                                   loss_kwargs=loss_kwargs)
+  writer = MetricWriter(workdir)
+  batches = pipeline.prefetch_to_device(
+      pipeline.train_iterator(train_source, global_batch=config.input.batch_size,
+                              image_size=config.input.image_size, seed=config.seed,
+                              flip=config.input.flip, workers=config.input.workers),
+      batch_sharding)
+  progress = _Progress(total_steps, config.input.batch_size)
+  logging.info("Compiling the train step and starting (setup took %.1fs).",
+               time.time() - start)
+  step = 0
+  for step in range(1, total_steps + 1):
+    state, metrics = train_step(state, next(batches))
+    if step == 1 or step % config.log_every == 0 or step == total_steps:
+      metrics = jax.device_get(metrics)
+      progress.log(step, metrics, dims)
+      writer.write(step, {"train/loss": metrics["loss"], "train/lr": metrics["lr"],
+                          "train/grad_norm": metrics["grad_norm"],
+                          "train/img_per_sec": progress.rate,
+                          **per_dim_scalars("train", "loss", dims, metrics["loss_per_dim"]),
+                          **per_dim_scalars("train", "top1", dims, metrics["top1_per_dim"])})
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"Loss became {metrics['loss']} at step {step}; lower "
+                                 "--config.optim.lr or enable --config.optim.clip_norm.")
+    if config.eval_every and step % config.eval_every == 0 and step != total_steps:
+      _evaluate(eval_step, state, val_source, config, batch_sharding, dims, writer, step)
+  results = _evaluate(eval_step, state, val_source, config, batch_sharding, dims, writer, step)
+  table = report.write_per_dim_results(
+      workdir, dims, results,
+      title=f"{config.model.name} {config.model.variant} {config.mrl.mode}: "
+            f"val accuracy per nesting dim after {step} steps")
+  writer.close()
+  wall = time.time() - start
+  logging.info("Done: %d steps in %.1fs (%.0f img/s while training).\n%s",
+               step, wall, progress.mean_rate, table)
+  return {"dims": list(dims), **{k: [float(x) for x in v] for k, v in results.items()},
+          "steps": step, "wall_seconds": wall, "train_img_per_sec": progress.mean_rate}
+
+
+def _evaluate(eval_step, state, source, config, batch_sharding, dims, writer, step):
+  """Per-dim top-1 / top-5 / loss over the val split (or its first eval_max_batches)."""
+  num_batches = pipeline.num_eval_batches(len(source), config.input.eval_batch_size)
+  if config.eval_max_batches:
+    num_batches = min(num_batches, config.eval_max_batches)
+  iterator = pipeline.eval_iterator(source, global_batch=config.input.eval_batch_size,
+                                    image_size=config.input.image_size)
+  start, sums = time.time(), None
+  for _, batch in zip(range(num_batches), iterator):
+    out = eval_step(state, pipeline.to_global(batch, batch_sharding))
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  sums = jax.device_get(sums)
+  count = max(float(sums["count"]), 1.0)
+  results = {k: np.asarray(sums[k]) / count for k in ("top1", "top5", "loss")}
+  summary = " ".join(f"d{m}={100 * a:.1f}" for m, a in zip(dims, results["top1"]))
+  logging.info("eval @ step %d (%d examples, %.1fs): top-1 %% %s", step, int(count),
+               time.time() - start, summary)
+  writer.write(step, {k: v for name in results
+                      for k, v in per_dim_scalars("val", name, dims, results[name]).items()})
+  return results
+
+
+class _Progress:
+  """The progress line: step, loss, top-1 at the smallest and largest dim, img/s, ETA."""
+
+  def __init__(self, total_steps: int, batch_size: int):
+    self.total, self.batch = total_steps, batch_size
+    self.rate = self.mean_rate = 0.0
+    self._last_step = self._first_step = None
+    self._last_time = self._first_time = None
+
+  def log(self, step: int, metrics: Dict[str, np.ndarray], dims) -> None:
+    now = time.time()
+    if self._last_step is None:  # The first step includes compilation: not timed.
+      self._first_step, self._first_time = step, now
+    else:
+      self.rate = (step - self._last_step) * self.batch / max(now - self._last_time, 1e-9)
+      self.mean_rate = ((step - self._first_step) * self.batch
+                        / max(now - self._first_time, 1e-9))
+    self._last_step, self._last_time = step, now
+    eta = (self.total - step) * self.batch / self.mean_rate if self.mean_rate else 0.0
+    top1 = metrics["top1_per_dim"]
+    logging.info("step %d/%d | loss %.4f | top-1 d%d %.1f%% d%d %.1f%% | lr %.3g | "
+                 "%.0f img/s | ETA %s", step, self.total, metrics["loss"], dims[0],
+                 100 * top1[0], dims[-1], 100 * top1[-1], metrics["lr"], self.rate,
+                 _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
