@@ -97,7 +97,7 @@ class MatryoshkaHead(nnx.Module):
     if self.mode == "mrl":
       return jnp.stack([h(z[:, :m]) for h, m in zip(self.heads, self.dims)])
     if self.mode == "mrl_e":
-      return tied_nested_logits(z, self.linear.kernel.value, self.linear.bias.value,
+      return tied_nested_logits(z, self.linear.kernel[...], self.linear.bias[...],
                                 self.dims, self.dtype)
     return self.linear(z[:, :self.dims[-1]])[None]
 
@@ -193,7 +193,7 @@ def build_classifier(config: Any, *, rngs: nnx.Rngs) -> MRLClassifier:
   model_cfg = config.model
   options = dict(model_cfg.get("options", {}))
   backbone_cls = models.backbone_class(model_cfg.name)
-  if "image_size" in inspect.signature(backbone_cls).parameters:
+  if "image_size" in inspect.signature(backbone_cls.__init__).parameters:
     options.setdefault("image_size", config.input.image_size)
   dtype, param_dtype = jnp.dtype(model_cfg.dtype), jnp.dtype(model_cfg.param_dtype)
   backbone = backbone_cls(model_cfg.variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype,

@@ -1,0 +1,196 @@
+"""ResNet backbones (18/34/50/101/152) with torchvision's "v1.5" topology.
+
+The layout, padding and initialisation follow torchvision exactly so that
+parameter counts and feature-map shapes match the published MRL ResNet50 setup:
+the bottleneck downsamples on its 3x3 conv, shortcuts are 1x1 conv + BN
+projections, convs have no bias and are He-normal (fan_out) initialised.
+The classifier is not part of the backbone; `__call__` returns the pooled
+representation [B, embed_dim] that the Matryoshka heads slice.
+"""
+
+from typing import Any, Callable, Sequence, Tuple, Type
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mrl_jax.models import MODELS
+
+Dtype = Any
+
+# torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`: jax's
+# "normal" distribution is untruncated, like torch's (unlike "truncated_normal").
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _ConvBNFactory:
+  """Builds convs and BNs sharing the network-wide dtype and BN settings."""
+
+  def __init__(self, *, dtype: Dtype, param_dtype: Dtype, bn_momentum: float,
+               bn_epsilon: float, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.bn_momentum = bn_momentum
+    self.bn_epsilon = bn_epsilon
+    self.rngs = rngs
+
+  def conv(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nnx.Conv:
+    pad = kernel // 2  # torchvision: 7x7 pad 3, 3x3 pad 1, 1x1 pad 0.
+    return nnx.Conv(
+        in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_CONV_INIT,
+        dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+
+  def bn(self, features: int, zero_scale: bool = False) -> nnx.BatchNorm:
+    # BN normalises in float32 for stability; callers cast back to `dtype`.
+    scale_init = (nnx.initializers.zeros_init() if zero_scale
+                  else nnx.initializers.ones_init())
+    return nnx.BatchNorm(
+        features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        dtype=jnp.float32, param_dtype=self.param_dtype, scale_init=scale_init,
+        rngs=self.rngs)
+
+
+class _Block(nnx.Module):
+  """Shared residual plumbing: optional projection shortcut, add, ReLU."""
+
+  expansion: int = 1
+
+  def __init__(self, f: _ConvBNFactory, in_ch: int, out_ch: int, stride: int):
+    self.dtype = f.dtype
+    if stride != 1 or in_ch != out_ch:
+      self.proj_conv = f.conv(in_ch, out_ch, 1, stride)
+      self.proj_bn = f.bn(out_ch)
+    else:
+      self.proj_conv = None
+      self.proj_bn = None
+
+  def _conv_bn(self, conv: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array,
+               train: bool) -> jax.Array:
+    return bn(conv(x), use_running_average=not train).astype(self.dtype)
+
+  def _residual(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
+    if self.proj_conv is not None:
+      x = self._conv_bn(self.proj_conv, self.proj_bn, x, train)
+    return nnx.relu(x + y)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs (ResNet18/34)."""
+
+  expansion = 1
+
+  def __init__(self, f: _ConvBNFactory, in_ch: int, planes: int, stride: int,
+               zero_init_last_bn: bool):
+    out_ch = planes * self.expansion
+    super().__init__(f, in_ch, out_ch, stride)
+    self.conv1 = f.conv(in_ch, planes, 3, stride)
+    self.bn1 = f.bn(planes)
+    self.conv2 = f.conv(planes, out_ch, 3)
+    self.bn2 = f.bn(out_ch, zero_scale=zero_init_last_bn)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    y = nnx.relu(self._conv_bn(self.conv1, self.bn1, x, train))
+    y = self._conv_bn(self.conv2, self.bn2, y, train)
+    return self._residual(x, y, train)
+
+
+class Bottleneck(_Block):
+  """1x1 -> 3x3 (strided, "v1.5") -> 1x1 x4 (ResNet50/101/152)."""
+
+  expansion = 4
+
+  def __init__(self, f: _ConvBNFactory, in_ch: int, planes: int, stride: int,
+               zero_init_last_bn: bool):
+    out_ch = planes * self.expansion
+    super().__init__(f, in_ch, out_ch, stride)
+    self.conv1 = f.conv(in_ch, planes, 1)
+    self.bn1 = f.bn(planes)
+    self.conv2 = f.conv(planes, planes, 3, stride)
+    self.bn2 = f.bn(planes)
+    self.conv3 = f.conv(planes, out_ch, 1)
+    self.bn3 = f.bn(out_ch, zero_scale=zero_init_last_bn)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    y = nnx.relu(self._conv_bn(self.conv1, self.bn1, x, train))
+    y = nnx.relu(self._conv_bn(self.conv2, self.bn2, y, train))
+    y = self._conv_bn(self.conv3, self.bn3, y, train)
+    return self._residual(x, y, train)
+
+
+class Stage(nnx.Module):
+  """A run of residual blocks; only the first one changes resolution/width."""
+
+  def __init__(self, block_cls: Type[_Block], f: _ConvBNFactory, in_ch: int,
+               planes: int, num_blocks: int, stride: int, zero_init_last_bn: bool,
+               remat: bool):
+    out_ch = planes * block_cls.expansion
+    self.blocks = nnx.List([
+        block_cls(f, in_ch if i == 0 else out_ch, planes, stride if i == 0 else 1,
+                  zero_init_last_bn)
+        for i in range(num_blocks)
+    ])
+    self.remat = remat
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    # `train` is closed over so it stays a Python bool inside the checkpoint.
+    apply: Callable[[_Block, jax.Array], jax.Array] = (
+        lambda block, h: block(h, train=train))
+    if self.remat:
+      apply = nnx.remat(apply)
+    for block in self.blocks:
+      x = apply(block, x)
+    return x
+
+
+# variant -> (block type, blocks per stage)
+_VARIANTS: dict[str, Tuple[Type[_Block], Sequence[int]]] = {
+    "18": (BasicBlock, (2, 2, 2, 2)),
+    "34": (BasicBlock, (3, 4, 6, 3)),
+    "50": (Bottleneck, (3, 4, 6, 3)),
+    "101": (Bottleneck, (3, 4, 23, 3)),
+    "152": (Bottleneck, (3, 8, 36, 3)),
+}
+_STAGE_PLANES = (64, 128, 256, 512)
+
+
+@MODELS.register("resnet")
+class ResNet(nnx.Module):
+  """ResNet backbone mapping images [B, H, W, C] to representations [B, embed_dim].
+
+  `train` is an explicit call argument (not a module mode flag) because the
+  training step is a functional jit over `nnx.split` state.
+  """
+
+  def __init__(self, variant: str, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, remat: bool = False,
+               bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
+               zero_init_last_bn: bool = True, in_channels: int = 3):
+    if variant not in _VARIANTS:
+      raise ValueError(f"Unknown ResNet variant {variant!r}. "
+                       f"Known variants: {', '.join(_VARIANTS)}.")
+    block_cls, depths = _VARIANTS[variant]
+    f = _ConvBNFactory(dtype=dtype, param_dtype=param_dtype,
+                       bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, rngs=rngs)
+    self.variant = variant
+    self.dtype = dtype
+    self.stem_conv = f.conv(in_channels, 64, 7, stride=2)
+    self.stem_bn = f.bn(64)
+    stages = []
+    in_ch = 64
+    for i, (planes, depth) in enumerate(zip(_STAGE_PLANES, depths)):
+      stages.append(Stage(block_cls, f, in_ch, planes, depth,
+                          stride=1 if i == 0 else 2,
+                          zero_init_last_bn=zero_init_last_bn, remat=remat))
+      in_ch = planes * block_cls.expansion
+    self.stages = nnx.List(stages)
+    self.embed_dim = in_ch
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = self.stem_conv(x.astype(self.dtype))
+    x = nnx.relu(self.stem_bn(x, use_running_average=not train).astype(self.dtype))
+    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage in self.stages:
+      x = stage(x, train=train)
+    # Pool in float32: the representation feeds the (f32) Matryoshka heads.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -1,0 +1,102 @@
+"""The sharded step on 8 fake CPU devices equals the single-device step."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from mrl_jax import mrl, optim, sharding, steps
+from mrl_jax.data import pipeline, synthetic
+
+
+def _config(model):
+  c = demo.get_config("runlocal,synthetic")
+  if model == "vit":  # no BatchNorm, dropout on: rng state must shard too
+    c.model.name, c.model.variant = "vit", "mu/4"
+    c.model.options = {"dropout": 0.1}
+    c.mrl.nesting, c.mrl.mode = (4, 8, 16, 32), "mrl_e"
+    c.optim.clip_norm = 1.0
+  c.input.image_size = 16
+  c.optim.name, c.optim.lr, c.optim.weight_decay = "sgd", 0.05, 1e-4
+  return c
+
+
+def _run(config, mesh_shape, devices, num_steps=2, microbatches=1):
+  """Trains `num_steps` on fixed batches; returns losses and final params (numpy)."""
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  build = lambda: mrl.build_classifier(config, rngs=nnx.Rngs(params=0, dropout=1))
+  abstract_params = steps.split_model(nnx.eval_shape(build))[1]
+  tx, schedule = optim.make_optimizer(config.optim, 10, abstract_params)
+  graphdef, abstract_state = steps.abstract_train_state(build, tx)
+  shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
+  state = steps.init_train_state(build, tx, shardings)
+  train_step = steps.make_train_step(
+      graphdef, tx, schedule, shardings, sharding.batch_sharding(mesh),
+      loss_kwargs=dict(loss_type="softmax", label_smoothing=0.1), microbatches=microbatches)
+  source = synthetic.SyntheticSource(config.input, "train", num_classes=config.num_classes)
+  batches = pipeline.train_iterator(source, global_batch=16, image_size=16, seed=0)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = train_step(state, pipeline.to_global(next(batches),
+                                                          sharding.batch_sharding(mesh)))
+    losses.append(np.asarray(metrics["loss_per_dim"]))
+  return np.stack(losses), state
+
+
+MESHES = {
+    "data8": {"data": 8, "fsdp": 1, "model": 1},
+    "fsdp8": {"data": 1, "fsdp": 8, "model": 1},
+    "mixed": {"data": 2, "fsdp": 2, "model": 2},
+}
+
+
+@pytest.mark.parametrize("model", ["resnet", "vit"])
+def test_sharded_step_equals_single_device(model):
+  config = _config(model)
+  ref_losses, ref_state = _run(config, {"data": 1}, jax.devices()[:1])
+  ref_params = jax.tree.leaves(jax.device_get(ref_state["params"]))
+  for name, mesh_shape in MESHES.items():
+    losses, state = _run(config, mesh_shape, jax.devices())
+    # Same maths, different reduction order over devices: float32 round-off only.
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-4, atol=2e-5, err_msg=name)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state["params"])), ref_params):
+      np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5, err_msg=name)
+    if name == "fsdp8":
+      specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
+      assert any("fsdp" in s for s in specs), specs  # parameters really are split
+    if name == "mixed" and model == "resnet":
+      head = state["params"]["head"]["heads"][0]["kernel"]
+      assert head.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+
+
+def test_microbatches_equal_full_batch_without_batchnorm():
+  config = _config("vit")
+  config.model.options = {}
+  full, _ = _run(config, {"data": 1}, jax.devices()[:1], num_steps=2)
+  accumulated, _ = _run(config, {"data": 1}, jax.devices()[:1], num_steps=2, microbatches=4)
+  np.testing.assert_allclose(accumulated, full, rtol=2e-4, atol=2e-5)
+
+
+def test_mesh_errors_name_the_fix():
+  with pytest.raises(ValueError, match="8 are available"):
+    sharding.make_mesh({"data": 2, "fsdp": 2, "model": 1})
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.make_mesh({"data": -1, "fsdp": -1, "model": 1})
+  with pytest.raises(ValueError, match="not divisible"):
+    sharding.make_mesh({"data": -1, "fsdp": 3, "model": 1})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "model": 2})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+
+
+def test_rules_fall_back_to_fsdp_when_a_spec_does_not_fit():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
+  rules = sharding.DEFAULT_RULES
+  P = jax.sharding.PartitionSpec
+  assert sharding.spec_for("params/head/linear/kernel", (64, 10), mesh, rules) == P(None, "model")
+  # 7 classes do not split over model=2: the leaf falls back to fsdp on its largest dim.
+  assert sharding.spec_for("params/head/linear/kernel", (64, 7), mesh, rules) == P("fsdp", None)
+  assert sharding.spec_for("params/backbone/conv/kernel", (3, 3, 8, 64), mesh, rules) == \
+      P(None, None, None, "fsdp")
+  assert sharding.spec_for("params/backbone/norm/scale", (6,), mesh, rules) == P()
+  assert sharding.spec_for("x", (8,), mesh, [(".*", "replicate")]) == P()
