@@ -4,10 +4,7 @@ import math
 from typing import Any, List
 
 from mrl_jax import mrl, optim
-
-
-class ConfigError(ValueError):
-  """One or more problems with the experiment config."""
+from mrl_jax.errors import ConfigError
 
 
 def check_config(config: Any, data_parallel: int) -> None:

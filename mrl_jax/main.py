@@ -8,12 +8,14 @@ environment; elsewhere pass --coordinator_address/--num_processes/--process_id
 
 import json
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mrl_jax import train
+from mrl_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
@@ -56,7 +58,12 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
-  results = train.train_and_evaluate(config, workdir)
+  try:
+    results = train.train_and_evaluate(config, workdir)
+  except (ConfigError, FileNotFoundError) as e:
+    # The user's to fix: one clear message, no traceback.
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)

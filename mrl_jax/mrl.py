@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mrl_jax.errors import ConfigError
+
 HEAD_MODES = ("mrl", "mrl_e", "ff", "none")
 LOSS_TYPES = ("softmax", "sigmoid")
 
@@ -47,13 +49,13 @@ def validate_nesting(nesting: Sequence[int], embed_dim: int) -> Tuple[int, ...]:
   fix = (f"Set --config.mrl.nesting to strictly increasing positive ints ending at "
          f"most at the embedding width {embed_dim}, e.g. {default_nesting(embed_dim)}.")
   if not dims:
-    raise ValueError(f"The nesting list is empty. {fix}")
+    raise ConfigError(f"The nesting list is empty. {fix}")
   if any(m <= 0 for m in dims):
-    raise ValueError(f"Nesting dims must be positive, got {list(dims)}. {fix}")
+    raise ConfigError(f"Nesting dims must be positive, got {list(dims)}. {fix}")
   if any(b <= a for a, b in zip(dims, dims[1:])):
-    raise ValueError(f"Nesting dims must be strictly increasing, got {list(dims)}. {fix}")
+    raise ConfigError(f"Nesting dims must be strictly increasing, got {list(dims)}. {fix}")
   if dims[-1] > embed_dim:
-    raise ValueError(f"Largest nesting dim {dims[-1]} exceeds the embedding width "
+    raise ConfigError(f"Largest nesting dim {dims[-1]} exceeds the embedding width "
                      f"{embed_dim}. {fix}")
   return dims
 
@@ -65,12 +67,12 @@ def head_dims(mode: str, nesting: Sequence[int], embed_dim: int,
     return tuple(nesting)
   if mode == "ff":
     if not ff_dim or not 0 < ff_dim <= embed_dim:
-      raise ValueError(f"Head mode 'ff' needs --config.mrl.ff_dim in [1, {embed_dim}] "
+      raise ConfigError(f"Head mode 'ff' needs --config.mrl.ff_dim in [1, {embed_dim}] "
                        f"(the k of FF-k), got {ff_dim}.")
     return (int(ff_dim),)
   if mode == "none":
     return (embed_dim,)
-  raise ValueError(f"Unknown head mode {mode!r}; choose one of {HEAD_MODES}.")
+  raise ConfigError(f"Unknown head mode {mode!r}; choose one of {HEAD_MODES}.")
 
 
 class MatryoshkaHead(nnx.Module):
@@ -150,7 +152,7 @@ def nested_loss(logits: jax.Array, labels: jax.Array, *, loss_type: str = "softm
   loss_per_dim = per_example.mean(axis=1)
   c = jnp.ones((num_dims,)) if weights is None else jnp.asarray(weights, jnp.float32)
   if c.shape != (num_dims,):
-    raise ValueError(f"Got {c.shape[0]} loss weights for {num_dims} nesting dims; give "
+    raise ConfigError(f"Got {c.shape[0]} loss weights for {num_dims} nesting dims; give "
                      "one weight per dim in --config.mrl.weights.")
   return jnp.sum(c * loss_per_dim), {"loss_per_dim": loss_per_dim,
                                      "top1_per_dim": top1_per_dim(logits, labels)}
@@ -160,7 +162,7 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, loss_type: str = "sof
                      label_smoothing: float = 0.0) -> jax.Array:
   """Unweighted loss of every example for logits [..., B, L] → [..., B]."""
   if loss_type not in LOSS_TYPES:
-    raise ValueError(f"Unknown loss {loss_type!r}; choose one of {LOSS_TYPES}.")
+    raise ConfigError(f"Unknown loss {loss_type!r}; choose one of {LOSS_TYPES}.")
   logits = logits.astype(jnp.float32)
   num_classes = logits.shape[-1]
   targets = (jax.nn.one_hot(labels, num_classes) if labels.ndim == 1

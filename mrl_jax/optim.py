@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from mrl_jax.errors import ConfigError
 from mrl_jax.sharding import path_string
 
 OPTIMIZERS = ("sgd", "adamw", "adafactor")
@@ -25,9 +26,9 @@ def make_schedule(optim_config: Any, total_steps: int) -> Callable[[int], float]
   name = optim_config.get("schedule", "cosine")
   end = lr * float(optim_config.get("end_lr_fraction", 0.0))
   if name not in SCHEDULES:
-    raise ValueError(f"Unknown schedule {name!r}; choose one of {SCHEDULES}.")
+    raise ConfigError(f"Unknown schedule {name!r}; choose one of {SCHEDULES}.")
   if warmup >= total_steps and total_steps > 0:
-    raise ValueError(f"optim.warmup_steps={warmup} is not below total_steps={total_steps}; "
+    raise ConfigError(f"optim.warmup_steps={warmup} is not below total_steps={total_steps}; "
                      "lower --config.optim.warmup_steps.")
   decay_steps = max(total_steps - warmup, 1)
   if name == "cosine":
@@ -56,7 +57,7 @@ def make_optimizer(optim_config: Any, total_steps: int, params: Any
   """Returns (optax transformation, schedule) for `optim_config`."""
   name = optim_config.name
   if name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+    raise ConfigError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
   schedule = make_schedule(optim_config, total_steps)
   wd = float(optim_config.get("weight_decay", 0.0))
   mask = decay_mask(params, optim_config.get("no_decay", r"pos_embed|cls_token|probe"))

@@ -7,6 +7,8 @@ in a config is a one-line fix rather than a stack trace.
 
 from typing import Callable, Dict, TypeVar
 
+from mrl_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -28,7 +30,7 @@ class Registry:
   def get(self, name: str) -> Callable:
     if name not in self._entries:
       known = ", ".join(sorted(self._entries)) or "(none)"
-      raise ValueError(f"Unknown {self.kind} {name!r}. Known {self.kind}s: {known}.")
+      raise ConfigError(f"Unknown {self.kind} {name!r}. Known {self.kind}s: {known}.")
     return self._entries[name]
 
   def names(self):

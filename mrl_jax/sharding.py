@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mrl_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
@@ -38,16 +40,16 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] = None) -> Mesh:
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   spec = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"Mesh {{{spec}}}: sizes must be positive, with at most one -1 "
+    raise ConfigError(f"Mesh {{{spec}}}: sizes must be positive, with at most one -1 "
                      "(meaning 'all remaining devices').")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"Mesh {{{spec}}}: {len(devices)} devices are not divisible by "
+      raise ConfigError(f"Mesh {{{spec}}}: {len(devices)} devices are not divisible by "
                        f"{known}. Choose sizes whose product divides {len(devices)}.")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"Mesh {{{spec}}} has {int(np.prod(sizes))} devices but "
+    raise ConfigError(f"Mesh {{{spec}}} has {int(np.prod(sizes))} devices but "
                      f"{len(devices)} are available. Set --config.mesh.data=-1 to use "
                      "all of them, or make the product of the sizes equal the count.")
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mrl_jax.data import SOURCES
+from mrl_jax.errors import ConfigError
 
 VAL_FRACTION = 0.2
 
@@ -21,10 +22,10 @@ class DigitsSource:
   def __init__(self, input_config: Any, split: str, *, num_classes: int):
     from sklearn.datasets import load_digits  # Heavy import, only when used.
     if num_classes != 10:
-      raise ValueError(f"The digits source has 10 classes but config.num_classes="
+      raise ConfigError(f"The digits source has 10 classes but config.num_classes="
                        f"{num_classes}; set --config.num_classes=10.")
     if split not in ("train", "val"):
-      raise ValueError(f"The digits source has splits 'train' and 'val', not {split!r}.")
+      raise ConfigError(f"The digits source has splits 'train' and 'val', not {split!r}.")
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     order = _stratified_split(digits.target, seed=0)

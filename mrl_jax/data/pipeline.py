@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from mrl_jax.errors import ConfigError
+
 DEVICE_KEYS = ("image", "label", "mask")
 
 
@@ -46,7 +48,7 @@ class Preprocess:
 def local_batch_size(global_batch: int) -> int:
   count = jax.process_count()
   if global_batch % count:
-    raise ValueError(f"Global batch {global_batch} is not divisible by the {count} "
+    raise ConfigError(f"Global batch {global_batch} is not divisible by the {count} "
                      "processes; choose a multiple of the process count.")
   return global_batch // count
 

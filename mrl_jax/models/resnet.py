@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mrl_jax.errors import ConfigError
 from mrl_jax.models import MODELS
 
 Dtype = Any
@@ -167,7 +168,7 @@ class ResNet(nnx.Module):
                bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
                zero_init_last_bn: bool = True, in_channels: int = 3):
     if variant not in _VARIANTS:
-      raise ValueError(f"Unknown ResNet variant {variant!r}. "
+      raise ConfigError(f"Unknown ResNet variant {variant!r}. "
                        f"Known variants: {', '.join(_VARIANTS)}.")
     block_cls, depths = _VARIANTS[variant]
     f = _ConvBNFactory(dtype=dtype, param_dtype=param_dtype,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mrl_jax.errors import ConfigError
 from mrl_jax.models import MODELS
 
 # name -> (width, depth, heads, mlp_dim), as in big_vision; "mu" is for tests.
@@ -43,7 +44,7 @@ def parse_variant(variant: str) -> tuple[int, int, int, int, int]:
   """Returns (width, depth, heads, mlp_dim, patch) for a "<size>/<patch>" string."""
   match = re.fullmatch(r"(\w+)/(\d+)", variant)
   if match is None or match.group(1) not in _SIZES or int(match.group(2)) < 1:
-    raise ValueError(
+    raise ConfigError(
         f"Bad ViT variant {variant!r}: expected '<size>/<patch>' with size in "
         f"{list(_SIZES)} and a positive integer patch, e.g. 'B/16' or 'L/14'.")
   return (*_SIZES[match.group(1)], int(match.group(2)))
@@ -185,11 +186,11 @@ class ViT(nnx.Module):
                dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False):
     width, depth, heads, mlp_dim, patch = parse_variant(variant)
     if image_size % patch:
-      raise ValueError(
+      raise ConfigError(
           f"image_size {image_size} is not divisible by the patch size {patch} "
           f"of ViT {variant!r}; use a multiple of {patch}.")
     if pool not in _POOLS:
-      raise ValueError(f"Unknown ViT pool {pool!r}; valid pools: {list(_POOLS)}.")
+      raise ConfigError(f"Unknown ViT pool {pool!r}; valid pools: {list(_POOLS)}.")
     self.embed_dim = width
     self.pool = pool
     self.remat = remat

@@ -1,0 +1,67 @@
+"""The entry point end to end, in subprocesses, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(config, workdir, *overrides, devices=8, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  cmd = [sys.executable, "-m", "mrl_jax.main", f"--config={config}",
+         f"--workdir={workdir}", *overrides]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.parametrize("config", ["demo", "resnet50_i1k", "vit_b16_i1k", "vit_jft"])
+def test_runlocal_variant_trains_and_writes_outputs(config, tmp_path):
+  proc = run_main(f"configs/{config}.py:runlocal", tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["steps"] == 4
+  dims = summary["dims"]
+  assert len(summary["top1"]) == len(dims) and all(0 <= a <= 1 for a in summary["top1"])
+  for name in ("config.json", "results.json", "results.csv", "results.md", "results.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3, 4]
+  assert all(f"train/loss_d{m}" in lines[0] for m in dims)
+  assert any(f"val/top1_d{dims[0]}" in l for l in lines)
+  assert os.listdir(tmp_path / "tensorboard")
+  assert "img/s" in proc.stderr and "ETA" in proc.stderr
+
+
+def test_command_line_overrides_reach_the_run(tmp_path):
+  proc = run_main("configs/demo.py:runlocal", tmp_path, "--config.mrl.mode=mrl_e",
+                  "--config.mrl.nesting=(16,64,512)", "--config.total_steps=2", devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["dims"] == [16, 64, 512] and summary["steps"] == 2
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["mrl"]["mode"] == "mrl_e"
+
+
+def test_missing_dataset_fails_fast_with_where_it_looked(tmp_path):
+  proc = run_main("configs/vit_jft.py", tmp_path / "w",
+                  f"--config.input.data_dir={tmp_path / 'nowhere'}", timeout=120)
+  assert proc.returncode != 0
+  assert str(tmp_path / "nowhere" / "jft300m") in proc.stderr
+  assert ":synthetic" in proc.stderr and "Traceback" not in proc.stderr
+  assert "Compiling" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("--config.mrl.nesting=(8,16,1024)", "exceeds the embedding width 512"),
+    ("--config.input.batch_size=12", "multiple of 8"),
+    ("--config.mesh.model=3", "not divisible"),
+])
+def test_impossible_configs_fail_with_a_fix(tmp_path, override, fragment):
+  proc = run_main("configs/demo.py:runlocal", tmp_path, override, timeout=120)
+  assert proc.returncode != 0
+  assert fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
