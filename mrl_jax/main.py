@@ -24,6 +24,10 @@ flags.DEFINE_string("workdir", None, "Directory for metrics, plots and results."
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-process).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed: 'auto' detects SLURM / Open MPI / GKE TPU from the "
+                  "environment; 'on' always lets JAX auto-detect (Cloud TPU VMs, whose "
+                  "workers are found through the metadata server); 'off' never.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
@@ -32,10 +36,13 @@ _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
 
 def _init_distributed() -> None:
   """Explicit flags win; otherwise let JAX auto-detect TPU pods, SLURM and Open MPI."""
+  if FLAGS.distributed == "off":
+    return
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  elif any(os.environ.get(k) for k in _CLUSTER_ENV) and _multi_process_env():
+  elif FLAGS.distributed == "on" or (any(os.environ.get(k) for k in _CLUSTER_ENV)
+                                     and _multi_process_env()):
     jax.distributed.initialize()
 
 
