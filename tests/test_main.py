@@ -65,3 +65,14 @@ def test_impossible_configs_fail_with_a_fix(tmp_path, override, fragment):
   proc = run_main("configs/demo.py:runlocal", tmp_path, override, timeout=120)
   assert proc.returncode != 0
   assert fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_demo_learns_the_real_digits_at_every_dim(tmp_path):
+  """A shortened demo (3 epochs at 16x16): every nesting dim far above the 10% chance."""
+  proc = run_main("configs/demo.py", tmp_path, "--config.num_epochs=3",
+                  "--config.input.image_size=16", devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["dims"] == [8, 16, 32, 64, 128, 256, 512]
+  assert min(summary["top1"]) > 0.3, summary["top1"]
+  assert summary["top1"][-1] > 0.8, summary["top1"]
