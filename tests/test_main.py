@@ -39,7 +39,9 @@ def test_runlocal_variant_trains_and_writes_outputs(config, tmp_path):
 
 def test_command_line_overrides_reach_the_run(tmp_path):
   proc = run_main("configs/demo.py:runlocal", tmp_path, "--config.mrl.mode=mrl_e",
-                  "--config.mrl.nesting=(16,64,512)", "--config.total_steps=2", devices=1)
+                  "--config.mrl.nesting=(16,64,512)", "--config.total_steps=2",
+                  "--config.input.workers=2", "--config.model.dtype=bfloat16",
+                  devices=1)  # grain worker processes and bf16 compute too
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["dims"] == [16, 64, 512] and summary["steps"] == 2

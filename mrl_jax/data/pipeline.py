@@ -59,7 +59,7 @@ def train_iterator(source, *, global_batch: int, image_size: int, seed: int,
   ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
   preprocess = Preprocess(image_size, flip)
   ds = (ds.shuffle(seed=seed).repeat()
-        .random_map(lambda ex, rng: preprocess(ex, rng), seed=seed)
+        .random_map(preprocess, seed=seed)
         .batch(local_batch_size(global_batch), drop_remainder=True))
   it_ds = ds.to_iter_dataset()
   if workers > 0:
