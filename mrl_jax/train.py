@@ -6,9 +6,7 @@ from typing import Any, Dict
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
-
-from mrl_jax import config_checks, data, mrl, optim, report, sharding, steps
+from mrl_jax import config_checks, data, experiment, report, sharding
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
 
@@ -23,34 +21,16 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
   val_source = data.build_source(config.input, "val", num_classes=config.num_classes)
   total_steps = config_checks.total_steps(config, len(train_source))
 
-  def build_model():
-    return mrl.build_classifier(
-        config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-
-  abstract_model = nnx.eval_shape(build_model)  # Validates nesting etc. without allocating.
-  dims = abstract_model.head.dims
-  abstract_params = steps.split_model(abstract_model)[1]
-  tx, schedule = optim.make_optimizer(config.optim, total_steps, abstract_params)
-  graphdef, abstract_state = steps.abstract_train_state(build_model, tx)
-  state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
-  batch_sharding = sharding.batch_sharding(mesh)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  exp = experiment.build_experiment(config, mesh, total_steps)
+  dims, state, batch_sharding = exp.dims, exp.state, exp.batch_sharding
   logging.info("Model %s %s, head %s, %s params, nesting %s, %d classes.",
                config.model.name, config.model.variant, config.mrl.mode,
-               f"{num_params:,}", list(dims), config.num_classes)
+               f"{exp.num_params:,}", list(dims), config.num_classes)
   logging.info("Mesh %s over %d devices (%d processes); %d train / %d val examples; "
                "%d steps of batch %d.", dict(mesh.shape), mesh.devices.size,
                jax.process_count(), len(train_source), len(val_source), total_steps,
                config.input.batch_size)
-  logging.info("Sharded leaves:\n%s", sharding.describe(state_shardings, abstract_state))
-
-  loss_kwargs = dict(loss_type=config.mrl.loss, label_smoothing=config.mrl.label_smoothing,
-                     weights=tuple(config.mrl.weights) or None)
-  state = steps.init_train_state(build_model, tx, state_shardings)
-  train_step = steps.make_train_step(graphdef, tx, schedule, state_shardings, batch_sharding,
-                                     loss_kwargs=loss_kwargs, microbatches=config.microbatches)
-  eval_step = steps.make_eval_step(graphdef, state_shardings, batch_sharding,
-                                   loss_kwargs=loss_kwargs)
+  logging.info("Sharded parameters:\n%s", exp.sharding_summary)
   writer = MetricWriter(workdir)
   batches = pipeline.prefetch_to_device(
       pipeline.train_iterator(train_source, global_batch=config.input.batch_size,
@@ -62,7 +42,7 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                time.time() - start)
   step = 0
   for step in range(1, total_steps + 1):
-    state, metrics = train_step(state, next(batches))
+    state, metrics = exp.train_step(state, next(batches))
     if step == 1 or step % config.log_every == 0 or step == total_steps:
       metrics = jax.device_get(metrics)
       progress.log(step, metrics, dims)
@@ -75,8 +55,8 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
         raise FloatingPointError(f"Loss became {metrics['loss']} at step {step}; lower "
                                  "--config.optim.lr or enable --config.optim.clip_norm.")
     if config.eval_every and step % config.eval_every == 0 and step != total_steps:
-      _evaluate(eval_step, state, val_source, config, batch_sharding, dims, writer, step)
-  results = _evaluate(eval_step, state, val_source, config, batch_sharding, dims, writer, step)
+      _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims, writer, step)
+  results = _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims, writer, step)
   table = report.write_per_dim_results(
       workdir, dims, results,
       title=f"{config.model.name} {config.model.variant} {config.mrl.mode}: "

@@ -3,10 +3,9 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import demo
-from mrl_jax import mrl, optim, sharding, steps
+from mrl_jax import experiment, sharding
 from mrl_jax.data import pipeline, synthetic
 
 
@@ -19,27 +18,21 @@ def _config(model):
     c.optim.clip_norm = 1.0
   c.input.image_size = 16
   c.optim.name, c.optim.lr, c.optim.weight_decay = "sgd", 0.05, 1e-4
+  c.mrl.label_smoothing = 0.1
   return c
 
 
 def _run(config, mesh_shape, devices, num_steps=2, microbatches=1):
   """Trains `num_steps` on fixed batches; returns losses and final params (numpy)."""
-  mesh = sharding.make_mesh(mesh_shape, devices)
-  build = lambda: mrl.build_classifier(config, rngs=nnx.Rngs(params=0, dropout=1))
-  abstract_params = steps.split_model(nnx.eval_shape(build))[1]
-  tx, schedule = optim.make_optimizer(config.optim, 10, abstract_params)
-  graphdef, abstract_state = steps.abstract_train_state(build, tx)
-  shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
-  state = steps.init_train_state(build, tx, shardings)
-  train_step = steps.make_train_step(
-      graphdef, tx, schedule, shardings, sharding.batch_sharding(mesh),
-      loss_kwargs=dict(loss_type="softmax", label_smoothing=0.1), microbatches=microbatches)
+  config.microbatches = microbatches
+  exp = experiment.build_experiment(config, sharding.make_mesh(mesh_shape, devices), 10)
+  state = exp.state
   source = synthetic.SyntheticSource(config.input, "train", num_classes=config.num_classes)
   batches = pipeline.train_iterator(source, global_batch=16, image_size=16, seed=0)
   losses = []
   for _ in range(num_steps):
-    state, metrics = train_step(state, pipeline.to_global(next(batches),
-                                                          sharding.batch_sharding(mesh)))
+    batch = pipeline.to_global(next(batches), exp.batch_sharding)
+    state, metrics = exp.train_step(state, batch)
     losses.append(np.asarray(metrics["loss_per_dim"]))
   return np.stack(losses), state
 

@@ -14,13 +14,11 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from mrl_jax import mrl, optim, sharding, steps
+from mrl_jax import experiment, sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config (path[:variant]).")
@@ -31,17 +29,8 @@ flags.mark_flags_as_required(["config"])
 
 def benchmark(config, num_steps: int, warmup: int) -> dict:
   mesh = sharding.make_mesh(config.mesh)
-  build = lambda: mrl.build_classifier(config, rngs=nnx.Rngs(params=0, dropout=1))
-  abstract_params = steps.split_model(nnx.eval_shape(build))[1]
-  tx, schedule = optim.make_optimizer(config.optim, max(num_steps + warmup + 1, 10),
-                                      abstract_params)
-  graphdef, abstract_state = steps.abstract_train_state(build, tx)
-  shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
-  state = steps.init_train_state(build, tx, shardings)
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = steps.make_train_step(
-      graphdef, tx, schedule, shardings, batch_sharding, microbatches=config.microbatches,
-      loss_kwargs=dict(loss_type=config.mrl.loss, label_smoothing=config.mrl.label_smoothing))
+  exp = experiment.build_experiment(config, mesh, max(num_steps + warmup + 1, 10))
+  state, train_step, batch_sharding = exp.state, exp.train_step, exp.batch_sharding
   b, s = config.input.batch_size, config.input.image_size
   rng = np.random.default_rng(0)
   labels = (rng.integers(0, 2, (b, config.num_classes), dtype=np.int32)
