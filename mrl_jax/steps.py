@@ -82,7 +82,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           graphdef, params, model_state, batch, loss_kwargs)
     else:
       def slices(x):
-        return x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:])
+        # Strided slices [k, B/k, ...]: example j of slice i is example j·k + i,
+        # so every slice stays spread over all data-parallel devices.
+        return x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
 
       def body(carry, micro):
         model_state, acc = carry

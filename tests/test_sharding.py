@@ -69,6 +69,8 @@ def test_microbatches_equal_full_batch_without_batchnorm():
   full, _ = _run(config, {"data": 1}, jax.devices()[:1], num_steps=2)
   accumulated, _ = _run(config, {"data": 1}, jax.devices()[:1], num_steps=2, microbatches=4)
   np.testing.assert_allclose(accumulated, full, rtol=2e-4, atol=2e-5)
+  sharded, _ = _run(config, MESHES["data8"], jax.devices(), num_steps=2, microbatches=2)
+  np.testing.assert_allclose(sharded, full, rtol=2e-4, atol=2e-5)
 
 
 def test_mesh_errors_name_the_fix():
