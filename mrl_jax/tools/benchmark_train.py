@@ -10,6 +10,7 @@ the figures.
 """
 
 import json
+import sys
 import time
 
 import flax
@@ -18,7 +19,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mrl_jax import experiment, sharding
+from mrl_jax import config_checks, experiment, sharding
+from mrl_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config (path[:variant]).")
@@ -29,12 +31,17 @@ flags.mark_flags_as_required(["config"])
 
 def benchmark(config, num_steps: int, warmup: int) -> dict:
   mesh = sharding.make_mesh(config.mesh)
-  exp = experiment.build_experiment(config, mesh, max(num_steps + warmup + 1, 10))
+  config_checks.check_config(config, sharding.data_parallel_size(mesh))
+  # Only the learning-rate values depend on the length; keep the config's warm-up valid.
+  length = max(num_steps + warmup + 1, config.optim.warmup_steps + 1)
+  exp = experiment.build_experiment(config, mesh, length)
   state, train_step, batch_sharding = exp.state, exp.train_step, exp.batch_sharding
   b, s = config.input.batch_size, config.input.image_size
   rng = np.random.default_rng(0)
-  labels = (rng.integers(0, 2, (b, config.num_classes), dtype=np.int32)
-            if config.input.multi_label else rng.integers(0, config.num_classes, b, np.int32))
+  labels = rng.integers(0, config.num_classes, b, np.int32)
+  if config.input.multi_label:  # a few positives per image, as in JFT
+    labels = np.zeros((b, config.num_classes), np.int32)
+    labels[np.arange(b)[:, None], rng.integers(0, config.num_classes, (b, 3))] = 1
   batch = {"image": jax.device_put(rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
                                    batch_sharding),
            "label": jax.device_put(labels, batch_sharding)}
@@ -61,7 +68,11 @@ def benchmark(config, num_steps: int, warmup: int) -> dict:
 
 def main(argv):
   del argv
-  print(json.dumps(benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)), flush=True)
+  try:
+    result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
