@@ -1,0 +1,4 @@
+"""Evaluators, each reporting every nesting dim.
+
+The registry arrives with the evaluation suite.
+"""
