@@ -6,6 +6,7 @@ from typing import Any, Dict
 import jax
 import numpy as np
 from absl import logging
+
 from mrl_jax import config_checks, data, experiment, report, sharding
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
@@ -40,7 +41,6 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
   progress = _Progress(total_steps, config.input.batch_size)
   logging.info("Compiling the train step and starting (setup took %.1fs).",
                time.time() - start)
-  step = 0
   for step in range(1, total_steps + 1):
     state, metrics = exp.train_step(state, next(batches))
     if step == 1 or step % config.log_every == 0 or step == total_steps:
