@@ -42,7 +42,7 @@ class Preprocess:
           (self.image_size, self.image_size), Image.BILINEAR))
     if self.flip and rng is not None and rng.random() < 0.5:
       image = image[:, ::-1]
-    return dict(example, image=np.ascontiguousarray(image), mask=np.int32(1))
+    return dict(example, image=np.ascontiguousarray(image))
 
 
 def local_batch_size(global_batch: int) -> int:
