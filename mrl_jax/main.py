@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mrl_jax import train
-from mrl_jax.errors import ConfigError
+from mrl_jax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
@@ -67,7 +67,7 @@ def main(argv):
       f.write(config.to_json_best_effort(indent=2))
   try:
     results = train.train_and_evaluate(config, workdir)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, DataError, FileNotFoundError) as e:
     # The user's to fix: one clear message, no traceback.
     logging.error("%s", e)
     sys.exit(f"error: {e}")

@@ -34,9 +34,11 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
   logging.info("Sharded parameters:\n%s", exp.sharding_summary)
   writer = MetricWriter(workdir)
   batches = pipeline.prefetch_to_device(
-      pipeline.train_iterator(train_source, global_batch=config.input.batch_size,
-                              image_size=config.input.image_size, seed=config.seed,
-                              flip=config.input.flip, workers=config.input.workers),
+      pipeline.train_iterator(
+          train_source, pipeline.SimplePreprocess(config.input.image_size, config.input.flip),
+          global_batch=config.input.batch_size, seed=config.seed,
+          num_classes=config.num_classes, multi_label=config.input.multi_label,
+          workers=config.input.workers),
       batch_sharding)
   progress = _Progress(total_steps, config.input.batch_size)
   logging.info("Compiling the train step and starting (setup took %.1fs).",
@@ -49,6 +51,7 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
       writer.write(step, {"train/loss": metrics["loss"], "train/lr": metrics["lr"],
                           "train/grad_norm": metrics["grad_norm"],
                           "train/img_per_sec": progress.rate,
+                          "train/skipped_images": batches.skipped,
                           **per_dim_scalars("train", "loss", dims, metrics["loss_per_dim"]),
                           **per_dim_scalars("train", "top1", dims, metrics["top1_per_dim"])})
       if not np.isfinite(metrics["loss"]):
@@ -56,6 +59,7 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                                  "--config.optim.lr or enable --config.optim.clip_norm.")
     if config.eval_every and step % config.eval_every == 0 and step != total_steps:
       _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims, writer, step)
+  batches.close()
   results = _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims, writer, step)
   table = report.write_per_dim_results(
       workdir, dims, results,
@@ -74,20 +78,27 @@ def _evaluate(eval_step, state, source, config, batch_sharding, dims, writer, st
   num_batches = pipeline.num_eval_batches(len(source), config.input.eval_batch_size)
   if config.eval_max_batches:
     num_batches = min(num_batches, config.eval_max_batches)
-  iterator = pipeline.eval_iterator(source, global_batch=config.input.eval_batch_size,
-                                    image_size=config.input.image_size)
-  start, sums = time.time(), None
+  iterator = pipeline.eval_iterator(
+      source, pipeline.SimplePreprocess(config.input.image_size),
+      global_batch=config.input.eval_batch_size, num_classes=config.num_classes,
+      multi_label=config.input.multi_label, workers=config.input.workers)
+  start, sums, skipped = time.time(), None, []
   for _, batch in zip(range(num_batches), iterator):
     out = eval_step(state, pipeline.to_global(batch, batch_sharding))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    skipped.extend(batch["id"][batch["skipped"] == 1].tolist())
   sums = jax.device_get(sums)
   count = max(float(sums["count"]), 1.0)
   results = {k: np.asarray(sums[k]) / count for k in ("top1", "top5", "loss")}
   summary = " ".join(f"d{m}={100 * a:.1f}" for m, a in zip(dims, results["top1"]))
   logging.info("eval @ step %d (%d examples, %.1fs): top-1 %% %s", step, int(count),
                time.time() - start, summary)
-  writer.write(step, {k: v for name in results
-                      for k, v in per_dim_scalars("val", name, dims, results[name]).items()})
+  if skipped:
+    logging.warning("eval skipped %d unreadable images on this process (ids %s%s).",
+                    len(skipped), skipped[:10], " …" if len(skipped) > 10 else "")
+  writer.write(step, {"val/skipped_images": len(skipped),
+                      **{k: v for name in results
+                         for k, v in per_dim_scalars("val", name, dims, results[name]).items()}})
   return results
 
 

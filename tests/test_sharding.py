@@ -28,7 +28,8 @@ def _run(config, mesh_shape, devices, num_steps=2, microbatches=1):
   exp = experiment.build_experiment(config, sharding.make_mesh(mesh_shape, devices), 10)
   state = exp.state
   source = synthetic.SyntheticSource(config.input, "train", num_classes=config.num_classes)
-  batches = pipeline.train_iterator(source, global_batch=16, image_size=16, seed=0)
+  batches = pipeline.train_iterator(source, pipeline.SimplePreprocess(16), global_batch=16,
+                                    seed=0, num_classes=config.num_classes)
   losses = []
   for _ in range(num_steps):
     batch = pipeline.to_global(next(batches), exp.batch_sharding)
