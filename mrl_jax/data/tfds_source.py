@@ -180,7 +180,7 @@ class TfdsSource:
         name=input_config.tfds_name, data_dir=_data_dir(input_config.get("data_dir")),
         split=tfds_split, image_key=input_config.get("image_key", "image"),
         label_key=input_config.get("label_key", "label"),
-        id_key=input_config.get("id_key", None)))
+        id_key=input_config.get("id_key", None) or None))
     name, reader = input_config.tfds_name, self._reader
     if reader.num_classes_in_data > num_classes:
       raise ConfigError(
