@@ -41,16 +41,24 @@ def get_base_config():
       head_bias_init=0.0))
 
   c.input = ml_collections.ConfigDict(dict(
-      source="synthetic",     # synthetic | digits | tfds
+      source="synthetic",     # synthetic | digits | tfds | arrayrecord | folder
       image_size=224,
       batch_size=256,         # global, over all processes
       eval_batch_size=256,
-      flip=False,
+      flip=False,             # random horizontal flip in the default train spec
+      # Preprocessing specs (mrl_jax/data/preprocess.py), e.g.
+      # "decode|inception_crop(224)|flip_lr|normalize(imagenet)"; "" → the default,
+      # "decode|resize(image_size)" (+ "|flip_lr" for train when flip is set).
+      pp_train="",
+      pp_eval="",
       workers=0,              # grain worker processes per host (0: in-process)
       multi_label=False,
       synthetic_sizes=ml_collections.ConfigDict(dict(train=10_000, val=1_000)),
       data_dir="",
       tfds_name="",
+      image_key="image",      # TFDS feature names (JFT-style data may differ);
+      label_key="label",      # a Sequence(ClassLabel) label needs multi_label=True.
+      id_key="",              # "" → `file_name` if the dataset has it, else the index
       splits=ml_collections.ConfigDict(dict(train="train", val="validation"))))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -68,6 +76,19 @@ def get_base_config():
   c.log_every = 50
   c.eval_every = 1000       # 0: only at the end
   c.eval_max_batches = 0    # 0: the whole val split
+
+  # <workdir>/checkpoints; rerunning the same command resumes (mrl_jax/checkpointing.py).
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000,       # 0: only at the end (and on SIGTERM / preemption)
+      keep=3,                 # the latest `keep` checkpoints are kept ...
+      best_metric="",         # ... plus the `keep_best` best by this eval metric, e.g.
+      best_mode="max",        # "val/top1_d2048" (max) or "val/loss_d2048" (min)
+      keep_best=1,
+      async_save=True,        # the loop only waits for the device→host copy
+      max_nonfinite_in_a_row=10,  # skipped NaN/inf steps in a row before stopping
+      init_from="",           # fine-tuning: params from another run's workdir / step dir
+      init_regex=""))         # ... only those whose path matches, e.g. "^backbone/"
+  c.debug_poison_steps = ()   # tests: steps whose loss and gradients are made NaN
   return c
 
 
@@ -83,4 +104,15 @@ def runlocal(c, *, image_size=32, batch_size=16, total_steps=4):
   c.log_every = 1
   c.eval_every = 0
   c.eval_max_batches = 2
+  return c
+
+
+def inception_specs(c):
+  """The ImageNet protocol at `c.input.image_size` S: inception crop + flip for
+  training; resize the shorter side to S·8/7 (256 for 224) and centre-crop S for
+  eval; ImageNet mean/std, applied on the device."""
+  size = c.input.image_size
+  c.input.pp_train = f"decode|inception_crop({size})|flip_lr|normalize(imagenet)"
+  c.input.pp_eval = (f"decode|resize_small({size * 8 // 7})|central_crop({size})"
+                     "|normalize(imagenet)")
   return c

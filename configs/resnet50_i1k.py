@@ -5,8 +5,9 @@ smoothing 0.1, 2 warm-up epochs then linear to 0, batch 512. The learning rate
 is the FFCV ResNet50 recipe the reference code trains with (1.7 at batch 1024),
 scaled linearly to batch 512. Nesting 8 … 2048.
 
-Not yet here: progressive resizing 160→192 and the 256→224 centre-crop eval
-protocol (the input-pipeline issue). Variants: `:runlocal`, `:synthetic`.
+Input: inception crop 224 + flip; eval resizes to 256 and centre-crops 224
+(`common.inception_specs`). Not here: FFCV's progressive resizing 160→192.
+Variants: `:runlocal`, `:synthetic`.
 """
 
 from configs import common
@@ -29,7 +30,6 @@ def get_config(arg=None):
   c.input.image_size = 224
   c.input.batch_size = 512
   c.input.eval_batch_size = 512
-  c.input.flip = True
   c.input.workers = 8
   c.num_epochs = 40.0
 
@@ -53,4 +53,4 @@ def get_config(arg=None):
     c.input.workers = 0
     c.num_classes = 10
     common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
-  return c
+  return common.inception_specs(c)

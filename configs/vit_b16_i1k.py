@@ -27,7 +27,6 @@ def get_config(arg=None):
   c.input.image_size = 224
   c.input.batch_size = 1024
   c.input.eval_batch_size = 1000
-  c.input.flip = True
   c.input.workers = 8
   c.num_epochs = 300.0
 
@@ -52,4 +51,4 @@ def get_config(arg=None):
     c.input.workers = 0
     c.num_classes = 10
     common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
-  return c
+  return common.inception_specs(c)

@@ -30,7 +30,6 @@ def get_config(arg=None):
   c.input.image_size = 224
   c.input.batch_size = 128
   c.input.eval_batch_size = 512
-  c.input.flip = True
   c.input.workers = 8
   c.total_steps = 300_000
 
@@ -53,4 +52,4 @@ def get_config(arg=None):
     c.input.workers = 0
     c.num_classes = 100
     common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
-  return c
+  return common.inception_specs(c)

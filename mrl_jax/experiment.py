@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mrl_jax import mrl, optim, sharding, steps
+from mrl_jax import data, mrl, optim, sharding, steps
 
 
 @dataclasses.dataclass
@@ -46,12 +46,16 @@ def build_experiment(config: Any, mesh: Mesh, total_steps: int) -> Experiment:
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
   batch_sharding = sharding.batch_sharding(mesh)
   kwargs = loss_kwargs(config)
+  # The specs' normalize(...) runs inside the steps: batches travel as uint8.
+  norm = data.normalization(config.input, num_classes=config.num_classes)
   return Experiment(
       state=steps.init_train_state(build_model, tx, state_shardings),
       train_step=steps.make_train_step(graphdef, tx, schedule, state_shardings, batch_sharding,
-                                       loss_kwargs=kwargs, microbatches=config.microbatches),
+                                       loss_kwargs=kwargs, microbatches=config.microbatches,
+                                       normalization=norm,
+                                       poison_steps=tuple(config.debug_poison_steps)),
       eval_step=steps.make_eval_step(graphdef, state_shardings, batch_sharding,
-                                     loss_kwargs=kwargs),
+                                     loss_kwargs=kwargs, normalization=norm),
       state_shardings=state_shardings, batch_sharding=batch_sharding,
       dims=abstract_model.head.dims,
       num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)),

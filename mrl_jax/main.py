@@ -14,8 +14,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrl_jax import train
+from mrl_jax import checkpointing, train
 from mrl_jax.errors import ConfigError, DataError
+from mrl_jax.fault_tolerance import Preempted, TrainingDiverged
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
@@ -61,13 +62,17 @@ def main(argv):
   logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s).", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
   try:
+    checkpointing.check_writable(workdir)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
     results = train.train_and_evaluate(config, workdir)
-  except (ConfigError, DataError, FileNotFoundError) as e:
+  except Preempted as e:  # Saved; the scheduler may restart the same command.
+    logging.warning("%s", e)
+    sys.exit(0)
+  except (ConfigError, DataError, FileNotFoundError, checkpointing.CheckpointError,
+          TrainingDiverged) as e:
     # The user's to fix: one clear message, no traceback.
     logging.error("%s", e)
     sys.exit(f"error: {e}")

@@ -24,9 +24,15 @@ TrainState = Dict[str, Any]
 Batch = Dict[str, jax.Array]
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] → float32 [-1, 1], on the device (batches travel as uint8)."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
+# (mean, std) per channel in 0..255 units; the default maps [0, 255] to [-1, 1].
+MINUS_ONE_ONE = ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+
+
+def normalize_images(images: jax.Array, normalization=MINUS_ONE_ONE) -> jax.Array:
+  """uint8 → float32 (x - mean) / std, on the device: batches travel as uint8 (4× less
+  host→device traffic) and the preprocessing spec's `normalize(...)` lands here."""
+  mean, std = (jnp.asarray(v, jnp.float32) for v in normalization)
+  return (images.astype(jnp.float32) - mean) / std
 
 
 def split_model(model: nnx.Module) -> Tuple[nnx.GraphDef, Any, Any]:
@@ -53,11 +59,11 @@ def _fresh_state(build_model, tx) -> TrainState:
           "opt_state": tx.init(params)}
 
 
-def _loss_and_grads(graphdef, params, model_state, batch, loss_kwargs):
+def _loss_and_grads(graphdef, params, model_state, batch, loss_kwargs, normalization):
   def loss_fn(params, model_state):
     # copy=True gives Variables owned by this trace, so BatchNorm may update them.
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    _, logits = model(normalize_images(batch["image"]), train=True)
+    _, logits = model(normalize_images(batch["image"], normalization), train=True)
     loss, metrics = mrl.nested_loss(logits, batch["label"], **loss_kwargs)
     return loss, (metrics, split_model(model)[2])
   (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -67,19 +73,26 @@ def _loss_and_grads(graphdef, params, model_state, batch, loss_kwargs):
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: Callable, state_shardings: Any, batch_sharding: NamedSharding,
-                    *, loss_kwargs: Dict[str, Any], microbatches: int = 1) -> Callable:
+                    *, loss_kwargs: Dict[str, Any], microbatches: int = 1,
+                    normalization=MINUS_ONE_ONE, poison_steps: Tuple[int, ...] = ()
+                    ) -> Callable:
   """(state, batch) → (state, metrics); the state is donated.
 
   With `microbatches` = k > 1 the global batch is split into k slices whose
   gradients are summed in a scan, so memory follows the slice size while the
   update equals one step on the full batch (BatchNorm sees each slice).
+  A step whose loss or gradient norm is not finite changes nothing but the step
+  counter (params, optimizer and model state stay as they were; the counter
+  advances so the data position, schedule and checkpoints keep their meaning)
+  and reports `nonfinite` = 1. `poison_steps` (a debug knob for testing that
+  guard) makes the loss and gradients NaN at those step numbers (1-based).
   """
 
   def step(state: TrainState, batch: Batch):
     params, model_state = state["params"], state["model_state"]
     if microbatches == 1:
       loss, metrics, model_state, grads = _loss_and_grads(
-          graphdef, params, model_state, batch, loss_kwargs)
+          graphdef, params, model_state, batch, loss_kwargs, normalization)
     else:
       def slices(x):
         # Strided slices [k, B/k, ...]: example j of slice i is example j·k + i,
@@ -89,22 +102,32 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       def body(carry, micro):
         model_state, acc = carry
         loss, metrics, model_state, grads = _loss_and_grads(
-            graphdef, params, model_state, micro, loss_kwargs)
+            graphdef, params, model_state, micro, loss_kwargs, normalization)
         acc = jax.tree.map(jnp.add, acc, (loss, metrics, grads))
         return (model_state, acc), None
 
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
           lambda: _loss_and_grads(graphdef, params, model_state,
-                                  jax.tree.map(lambda x: slices(x)[0], batch), loss_kwargs)))
+                                  jax.tree.map(lambda x: slices(x)[0], batch), loss_kwargs,
+                                  normalization)))
       acc0 = (zeros[0], zeros[1], zeros[3])
       (model_state, acc), _ = jax.lax.scan(body, (model_state, acc0),
                                            jax.tree.map(slices, batch))
       loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, acc)
+    if poison_steps:
+      scale = jnp.where(jnp.isin(state["step"] + 1, jnp.asarray(poison_steps)), jnp.nan, 1.0)
+      loss, grads = loss * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+    new, old = ((optax.apply_updates(params, updates), opt_state, model_state),
+                (params, state["opt_state"], state["model_state"]))
+    params, opt_state, model_state = jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": state["step"] + 1, "params": params,
                  "model_state": model_state, "opt_state": opt_state}
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=schedule(state["step"]))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
+                   nonfinite=(~finite).astype(jnp.int32))
     return new_state, metrics
 
   replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
@@ -113,7 +136,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, state_shardings: Any,
-                   batch_sharding: NamedSharding, *, loss_kwargs: Dict[str, Any]) -> Callable:
+                   batch_sharding: NamedSharding, *, loss_kwargs: Dict[str, Any],
+                   normalization=MINUS_ONE_ONE) -> Callable:
   """(state, batch) → per-dim sums {"top1", "top5", "loss"} [M] and "count".
 
   `batch["mask"]` (1 for real examples, 0 for padding) makes the last, padded
@@ -122,7 +146,7 @@ def make_eval_step(graphdef: nnx.GraphDef, state_shardings: Any,
 
   def step(state: TrainState, batch: Batch):
     model = nnx.merge(graphdef, state["params"], state["model_state"], copy=True)
-    _, logits = model(normalize_images(batch["image"]), train=False)
+    _, logits = model(normalize_images(batch["image"], normalization), train=False)
     logits = logits.astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]

@@ -1,13 +1,14 @@
 """The training loop: build → step → log / evaluate → report. Side effects live here only."""
 
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
-from mrl_jax import config_checks, data, experiment, report, sharding
+from mrl_jax import checkpointing, config_checks, data, experiment, fault_tolerance, report
+from mrl_jax import sharding
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
 
@@ -33,34 +34,56 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                config.input.batch_size)
   logging.info("Sharded parameters:\n%s", exp.sharding_summary)
   writer = MetricWriter(workdir)
-  batches = pipeline.prefetch_to_device(
-      pipeline.train_iterator(
-          train_source, pipeline.SimplePreprocess(config.input.image_size, config.input.flip),
-          global_batch=config.input.batch_size, seed=config.seed,
-          num_classes=config.num_classes, multi_label=config.input.multi_label,
-          workers=config.input.workers),
-      batch_sharding)
+  ckpt = checkpointing.Checkpointer(workdir, config, dims, mesh)
+  host_batches = pipeline.train_iterator(
+      train_source, data.build_preprocess(config.input, "train",
+                                          num_classes=config.num_classes),
+      global_batch=config.input.batch_size, seed=config.seed,
+      num_classes=config.num_classes, multi_label=config.input.multi_label,
+      workers=config.input.workers)
+  state, step = ckpt.restore_or_init(state, host_batches)  # Before prefetching starts.
+  batches = pipeline.prefetch_to_device(host_batches, batch_sharding)
+  guard = fault_tolerance.NonFiniteGuard(config.checkpoint.max_nonfinite_in_a_row,
+                                         ckpt.describe)
+  watcher = fault_tolerance.PreemptionWatcher(ckpt.reached_preemption)
   progress = _Progress(total_steps, config.input.batch_size)
-  logging.info("Compiling the train step and starting (setup took %.1fs).",
-               time.time() - start)
-  for step in range(1, total_steps + 1):
-    state, metrics = exp.train_step(state, next(batches))
-    if step == 1 or step % config.log_every == 0 or step == total_steps:
-      metrics = jax.device_get(metrics)
-      progress.log(step, metrics, dims)
-      writer.write(step, {"train/loss": metrics["loss"], "train/lr": metrics["lr"],
-                          "train/grad_norm": metrics["grad_norm"],
-                          "train/img_per_sec": progress.rate,
-                          "train/skipped_images": batches.skipped,
-                          **per_dim_scalars("train", "loss", dims, metrics["loss_per_dim"]),
-                          **per_dim_scalars("train", "top1", dims, metrics["top1_per_dim"])})
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"Loss became {metrics['loss']} at step {step}; lower "
-                                 "--config.optim.lr or enable --config.optim.clip_norm.")
-    if config.eval_every and step % config.eval_every == 0 and step != total_steps:
-      _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims, writer, step)
-  batches.close()
+  logging.info("Compiling the train step and starting at step %d (setup took %.1fs).",
+               step + 1, time.time() - start)
+  try:
+    for step in range(step + 1, total_steps + 1):
+      state, metrics = exp.train_step(state, next(batches))
+      guard.update(step, metrics["nonfinite"])
+      if step == 1 or step % config.log_every == 0 or step == total_steps:
+        metrics = jax.device_get(metrics)
+        progress.log(step, metrics, dims)
+        writer.write(step, {"train/loss": metrics["loss"], "train/lr": metrics["lr"],
+                            "train/grad_norm": metrics["grad_norm"],
+                            "train/img_per_sec": progress.rate,
+                            "train/skipped_images": batches.skipped,
+                            "train/nonfinite_steps": guard.total,
+                            **per_dim_scalars("train", "loss", dims, metrics["loss_per_dim"]),
+                            **per_dim_scalars("train", "top1", dims, metrics["top1_per_dim"])})
+      val = None
+      if config.eval_every and step % config.eval_every == 0 and step != total_steps:
+        val = _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims,
+                        writer, step)
+      stop = watcher.should_stop(step)
+      if step != total_steps or stop:
+        ckpt.maybe_save(step, state, batches.get_state(), metrics=_val_scalars(dims, val),
+                        force=stop, nonfinite_steps=guard.total)
+      if stop:
+        ckpt.wait()
+        raise fault_tolerance.Preempted(
+            f"Stopped by {watcher.signal_name} after step {step}; its checkpoint is in "
+            f"{ckpt.directory}. Rerun the same command to resume.")
+    guard.flush()
+  finally:
+    watcher.close()
+    batches.close()
   results = _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims, writer, step)
+  ckpt.maybe_save(step, state, batches.get_state(), metrics=_val_scalars(dims, results),
+                  force=True, nonfinite_steps=guard.total)
+  ckpt.close()
   table = report.write_per_dim_results(
       workdir, dims, results,
       title=f"{config.model.name} {config.model.variant} {config.mrl.mode}: "
@@ -73,13 +96,21 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
           "steps": step, "wall_seconds": wall, "train_img_per_sec": progress.mean_rate}
 
 
+def _val_scalars(dims, results) -> Optional[Dict[str, float]]:
+  """{'val/top1_d8': …} for the checkpoint's best-metric bookkeeping (None: no eval)."""
+  if results is None:
+    return None
+  return {k: v for name in results for k, v in per_dim_scalars("val", name, dims,
+                                                               results[name]).items()}
+
+
 def _evaluate(eval_step, state, source, config, batch_sharding, dims, writer, step):
   """Per-dim top-1 / top-5 / loss over the val split (or its first eval_max_batches)."""
   num_batches = pipeline.num_eval_batches(len(source), config.input.eval_batch_size)
   if config.eval_max_batches:
     num_batches = min(num_batches, config.eval_max_batches)
   iterator = pipeline.eval_iterator(
-      source, pipeline.SimplePreprocess(config.input.image_size),
+      source, data.build_preprocess(config.input, "val", num_classes=config.num_classes),
       global_batch=config.input.eval_batch_size, num_classes=config.num_classes,
       multi_label=config.input.multi_label, workers=config.input.workers)
   start, sums, skipped = time.time(), None, []

@@ -6,7 +6,12 @@ import pytest
 
 from configs import common
 from mrl_jax import data
-from mrl_jax.data import pipeline
+from mrl_jax.data import pipeline, preprocess
+
+
+def _pp(size, flip=False):
+  return preprocess.parse(f"decode|resize({size})" + ("|flip_lr" if flip else ""),
+                          num_classes=10)
 
 
 def _input(source="digits", **overrides):
@@ -53,7 +58,7 @@ def test_missing_tfds_data_says_where_it_looked(tmp_path):
 def test_eval_iterator_covers_every_example_once_with_padding():
   source = data.build_source(_input(), "val", num_classes=10)
   batches = list(pipeline.eval_iterator(
-      source, pipeline.SimplePreprocess(16), global_batch=64, num_classes=10))
+      source, _pp(16), global_batch=64, num_classes=10))
   assert len(batches) == pipeline.num_eval_batches(len(source), 64) == -(-len(source) // 64)
   ids = np.concatenate([b["id"][b["mask"] == 1] for b in batches])
   np.testing.assert_array_equal(np.sort(ids), np.sort(source.ids))
@@ -64,14 +69,14 @@ def test_eval_iterator_covers_every_example_once_with_padding():
 def test_train_iterator_is_seeded_and_reshuffles_each_epoch():
   source = data.build_source(_input(), "train", num_classes=10)
   take = lambda seed, n: [next(it)["id"] for it in [pipeline.train_iterator(
-      source, pipeline.SimplePreprocess(8), global_batch=32, seed=seed, num_classes=10)]
+      source, _pp(8), global_batch=32, seed=seed, num_classes=10)]
                           for _ in range(n)]
   first, again, other = take(0, 3), take(0, 3), take(1, 3)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
   assert not all(np.array_equal(a, b) for a, b in zip(first, other))
   per_epoch = len(source) // 32
-  it = pipeline.train_iterator(source, pipeline.SimplePreprocess(8), global_batch=32, seed=0,
+  it = pipeline.train_iterator(source, _pp(8), global_batch=32, seed=0,
                                num_classes=10)
   epoch1 = np.concatenate([next(it)["id"] for _ in range(per_epoch)])
   assert len(set(epoch1)) == len(epoch1)  # no repeats within an epoch
@@ -97,7 +102,7 @@ def test_global_batch_is_sharded_over_the_data_axes():
   from mrl_jax import sharding
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "model": 1})
   source = data.build_source(_input(), "val", num_classes=10)
-  batch = next(pipeline.eval_iterator(source, pipeline.SimplePreprocess(8), global_batch=16,
+  batch = next(pipeline.eval_iterator(source, _pp(8), global_batch=16,
                                       num_classes=10))
   arrays = pipeline.to_global(batch, sharding.batch_sharding(mesh))
   assert set(arrays) == {"image", "label", "mask"}
@@ -108,7 +113,8 @@ def test_global_batch_is_sharded_over_the_data_axes():
 
 
 class _WithCorrupt:
-  """Digits where some examples' images are bytes no decoder reads, and one label list."""
+  """Digits where some images are bytes no decoder reads (a JPEG header and junk) and
+  some labels are replaced."""
 
   def __init__(self, base, corrupt=(), labels=None):
     self.base, self.corrupt, self.labels = base, set(corrupt), labels or {}
@@ -128,17 +134,9 @@ class _WithCorrupt:
     return f"record {i} of the test source"
 
 
-class _RaisingPreprocess(pipeline.SimplePreprocess):
-  def __call__(self, example, rng=None):
-    if isinstance(example["image"], bytes):
-      from mrl_jax.errors import CorruptImageError
-      raise CorruptImageError("cannot identify image")
-    return super().__call__(example, rng)
-
-
 def test_iterator_state_restores_the_exact_next_batch():
   source = data.build_source(_input(), "train", num_classes=10)
-  make = lambda: pipeline.train_iterator(source, pipeline.SimplePreprocess(8, flip=True),
+  make = lambda: pipeline.train_iterator(source, _pp(8, flip=True),
                                          global_batch=32, seed=3, num_classes=10)
   it = make()
   for _ in range(50):  # Past the first epoch boundary (1,437 examples / 32).
@@ -157,7 +155,7 @@ def test_device_prefetcher_state_is_that_of_the_last_batch_handed_out():
   from mrl_jax import sharding
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1})
   source = data.build_source(_input(), "train", num_classes=10)
-  make = lambda: pipeline.train_iterator(source, pipeline.SimplePreprocess(8),
+  make = lambda: pipeline.train_iterator(source, _pp(8),
                                          global_batch=16, seed=0, num_classes=10)
   prefetcher = pipeline.prefetch_to_device(make(), sharding.batch_sharding(mesh), size=3)
   for _ in range(4):
@@ -175,7 +173,7 @@ def test_two_shards_cover_every_example_once_per_epoch():
   per_shard = len(source) // 2 // 16
   ids = []
   for index in range(2):
-    it = pipeline.train_iterator(source, pipeline.SimplePreprocess(8), global_batch=32,
+    it = pipeline.train_iterator(source, _pp(8), global_batch=32,
                                  seed=0, num_classes=10, shard=(index, 2))
     ids.append(np.concatenate([next(it)["id"] for _ in range(per_shard)]))
   assert set(ids[0]).isdisjoint(ids[1])
@@ -186,7 +184,7 @@ def test_two_shards_cover_every_example_once_per_epoch():
 def test_corrupt_images_are_skipped_counted_and_never_mislabelled(caplog):
   base = data.build_source(_input(), "train", num_classes=10)
   source = _WithCorrupt(base, corrupt=range(0, 100, 7))
-  it = pipeline.train_iterator(source, _RaisingPreprocess(8), global_batch=32, seed=0,
+  it = pipeline.train_iterator(source, _pp(8), global_batch=32, seed=0,
                                num_classes=10)
   batches = [next(it) for _ in range(len(base) // 32)]
   seen = np.concatenate([b["id"] for b in batches])
@@ -204,7 +202,7 @@ def test_corrupt_images_are_skipped_counted_and_never_mislabelled(caplog):
 def test_eval_masks_corrupt_images_and_reports_them():
   base = data.build_source(_input(), "val", num_classes=10)
   source = _WithCorrupt(base, corrupt={3, 10})
-  batches = list(pipeline.eval_iterator(source, _RaisingPreprocess(8), global_batch=64,
+  batches = list(pipeline.eval_iterator(source, _pp(8), global_batch=64,
                                         num_classes=10))
   mask = np.concatenate([b["mask"] for b in batches])
   skipped = np.concatenate([b["skipped"] for b in batches])
@@ -215,7 +213,7 @@ def test_eval_masks_corrupt_images_and_reports_them():
 def test_label_outside_num_classes_names_the_record_and_the_fix():
   base = data.build_source(_input(), "train", num_classes=10)
   it = pipeline.train_iterator(_WithCorrupt(base, labels={5: 12}),
-                               pipeline.SimplePreprocess(8), global_batch=len(base) - 40,
+                               _pp(8), global_batch=len(base) - 40,
                                seed=0, num_classes=10)
   with pytest.raises(ValueError, match=r"record 5 of the test source.*label 12.*num_classes"):
     next(it)
@@ -223,12 +221,13 @@ def test_label_outside_num_classes_names_the_record_and_the_fix():
 
 def test_label_lists_become_multi_hot_targets():
   base = data.build_source(_input(), "val", num_classes=10)
-  source = _WithCorrupt(base, labels={i: np.array([i % 10, (i + 3) % 10]) for i in range(len(base))})
-  batch = next(pipeline.eval_iterator(source, pipeline.SimplePreprocess(8), global_batch=16,
+  source = _WithCorrupt(base, labels={i: np.array([i % 10, (i + 3) % 10])
+                                      for i in range(len(base))})
+  batch = next(pipeline.eval_iterator(source, _pp(8), global_batch=16,
                                       num_classes=10, multi_label=True))
   assert batch["label"].shape == (16, 10) and batch["label"].dtype == np.uint8
   for row, i in zip(batch["label"], range(16)):
     assert set(np.flatnonzero(row)) == {i % 10, (i + 3) % 10}
   with pytest.raises(ValueError, match="multi_label=True"):
-    next(pipeline.eval_iterator(source, pipeline.SimplePreprocess(8), global_batch=16,
+    next(pipeline.eval_iterator(source, _pp(8), global_batch=16,
                                 num_classes=10))

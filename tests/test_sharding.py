@@ -6,7 +6,7 @@ import pytest
 
 from configs import demo
 from mrl_jax import experiment, sharding
-from mrl_jax.data import pipeline, synthetic
+from mrl_jax.data import pipeline, preprocess, synthetic
 
 
 def _config(model):
@@ -28,8 +28,9 @@ def _run(config, mesh_shape, devices, num_steps=2, microbatches=1):
   exp = experiment.build_experiment(config, sharding.make_mesh(mesh_shape, devices), 10)
   state = exp.state
   source = synthetic.SyntheticSource(config.input, "train", num_classes=config.num_classes)
-  batches = pipeline.train_iterator(source, pipeline.SimplePreprocess(16), global_batch=16,
-                                    seed=0, num_classes=config.num_classes)
+  batches = pipeline.train_iterator(
+      source, preprocess.parse("decode|resize(16)", num_classes=config.num_classes),
+      global_batch=16, seed=0, num_classes=config.num_classes)
   losses = []
   for _ in range(num_steps):
     batch = pipeline.to_global(next(batches), exp.batch_sharding)

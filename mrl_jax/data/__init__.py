@@ -1,13 +1,15 @@
-"""Data sources (a registry) and the grain pipeline that turns them into global batches.
+"""Data sources (a registry), preprocessing specs and the grain pipeline.
 
 A source is a random-access sequence (len, getitem) of examples
-{"image": uint8 [H, W, C], "label": int or multi-hot vector}; the pipeline
-does sharding over hosts, shuffling, preprocessing and batching. Sources are
-built by name from `config.input.source` with their split ("train" / "val").
+{"image": encoded bytes or uint8 [H, W, C], "label": int or class ids, "id"};
+the pipeline does sharding over hosts, shuffling, preprocessing (a spec of
+registered ops, `mrl_jax.data.preprocess`) and batching. Sources are built by
+name from `config.input.source` with their split ("train" / "val").
 """
 
 from typing import Any
 
+from mrl_jax.errors import ConfigError
 from mrl_jax.registry import Registry
 
 SOURCES = Registry("data source")
@@ -19,6 +21,45 @@ def build_source(input_config: Any, split: str, *, num_classes: int):
   return SOURCES.get(input_config.source)(input_config, split, num_classes=num_classes)
 
 
+def preprocess_spec(input_config: Any, split: str) -> str:
+  """`input.pp_train` / `input.pp_eval`, or the default for `image_size` (and `flip`)."""
+  spec = input_config.get("pp_train" if split == "train" else "pp_eval", "")
+  if spec:
+    return spec
+  size = input_config.image_size
+  return f"decode|resize({size})" + ("|flip_lr" if split == "train" and input_config.flip
+                                     else "")
+
+
+def build_preprocess(input_config: Any, split: str, *, num_classes: int):
+  """The parsed spec for `split`, checked to produce `image_size` images."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mrl_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  spec = preprocess_spec(input_config, split)
+  preprocessor = preprocess.parse(spec, num_classes=num_classes)
+  probe = preprocessor({"image": np.zeros((300, 400, 3), np.uint8), "label": 0, "id": ""},
+                       np.random.default_rng(0))["image"]
+  size = input_config.image_size
+  if probe.shape != (size, size, 3):
+    raise ConfigError(f"The {split} preprocessing {spec!r} makes {probe.shape[0]}×"
+                      f"{probe.shape[1]} images but config.input.image_size is {size}; make "
+                      "them agree (the model is built for image_size).")
+  return preprocessor
+
+
+def normalization(input_config: Any, *, num_classes: int):
+  """(mean, std) of the specs' `normalize(...)`, which the device applies; train and
+  eval must agree, or the model would be evaluated on differently scaled inputs."""
+  train = build_preprocess(input_config, "train", num_classes=num_classes)
+  val = build_preprocess(input_config, "val", num_classes=num_classes)
+  if (train.mean, train.std) != (val.mean, val.std):
+    raise ConfigError(f"Train and eval preprocessing normalise differently "
+                      f"({input_config.get('pp_train')!r} vs {input_config.get('pp_eval')!r}); "
+                      "use the same normalize(...) in both.")
+  return train.mean, train.std
+
+
 def _import_all():
   # Each module registers its sources on import.
-  from mrl_jax.data import digits, synthetic, tfds_source  # noqa: F401
+  from mrl_jax.data import (arrayrecord_source, digits, folder_source,  # noqa: F401
+                            synthetic, tfds_source)

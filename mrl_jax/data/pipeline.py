@@ -1,4 +1,4 @@
-"""grain pipeline: per-host shard → shuffle → preprocess → skip bad images → batch → devices.
+"""grain pipeline: host shard → shuffle → preprocess → drop bad images → batch → devices.
 
 Each process reads `source[shard_index::shard_count]` (by default
 `jax.process_index()::jax.process_count()`) and produces its part of the
@@ -49,29 +49,6 @@ def local_batch_size(global_batch: int, shard_count: Optional[int] = None) -> in
 
 def _shard(shard: Optional[Tuple[int, int]]) -> Tuple[int, int]:
   return (jax.process_index(), jax.process_count()) if shard is None else shard
-
-
-class SimplePreprocess:
-  """TRANSITIONAL: uint8 array → uint8 [size, size, 3] (+ random flip)."""
-
-  batch_ops = ()
-
-  def __init__(self, image_size: int, flip: bool = False):
-    self.image_size, self.flip = image_size, flip
-
-  def __call__(self, example, rng=None):
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    image = np.asarray(example["image"])
-    if image.ndim == 2:
-      image = image[..., None]
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
-    if image.shape[:2] != (self.image_size, self.image_size):
-      image = np.asarray(Image.fromarray(image).resize(
-          (self.image_size, self.image_size), Image.BILINEAR))
-    if self.flip and rng is not None and rng.random() < 0.5:
-      image = image[:, ::-1]
-    return dict(example, image=np.ascontiguousarray(image))
 
 
 class _LoadExample:

@@ -1,0 +1,339 @@
+"""Checkpoints of a run, in `<workdir>/checkpoints/<step>/`: the only module that knows Orbax.
+
+A step directory holds three items, written by one async `CheckpointManager`:
+  state/  the train state (params, BatchNorm statistics, optimizer state, step)
+          as sharded arrays: each process writes its shards, and a restore
+          reads straight into whatever shardings the target mesh wants;
+  data/   the input pipeline's position, one `process_<i>-of-<n>.json` per
+          process (each host reads its own shard of the data);
+  meta/   the resolved config, model, nesting dims, mesh, process count.
+Orbax writes a step under a temporary name and renames it when complete, so a
+process killed mid-save leaves no step directory behind, only a temporary one
+that is reported and removed on the next start. A complete step that cannot be
+read (a truncated or deleted file) is reported with its path, moved aside to
+`<step>.corrupt-<time>` (never deleted), and the previous step is used.
+"""
+
+import datetime
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from mrl_jax import sharding
+from mrl_jax.errors import ConfigError
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_BEST_METRIC = re.compile(r"^val/(top1|top5|loss)_d(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be written (unwritable directory, full disk); the previous
+  checkpoints are intact, and the message says where and what to do."""
+
+
+def check_writable(workdir: str) -> None:
+  """Fails in a second, before any compilation, if `workdir` cannot hold checkpoints."""
+  probe = os.path.join(workdir, "checkpoints", f".write_probe_{jax.process_index()}")
+  try:
+    os.makedirs(os.path.dirname(probe), exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"Cannot write checkpoints under --workdir={workdir}: {e}. Choose "
+                          "a writable directory with free space.") from e
+
+
+def _data_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  # primary_host=None: every process writes (and reads) its own data position.
+  per_process = ocp.JsonCheckpointHandler(
+      filename=_data_file(),
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+  for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+    registry.add("data", args, per_process)
+    registry.add("meta", args)
+  for args in (ocp.args.StandardSave, ocp.args.StandardRestore, ocp.args.PyTreeRestore):
+    registry.add("state", args)
+  return registry
+
+
+def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, options=options, handler_registry=_registry())
+
+
+def _abstract(tree: Any) -> Any:
+  """Shapes, dtypes and target shardings of a tree of arrays (what a restore fills)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class Checkpointer:
+  """Saves every `every_steps`, at the end and on preemption; restores the latest good step.
+
+  `config` is the run's config (its `checkpoint` block sets the policy, the
+  rest is stored as metadata); `dims` are the head's nesting dims.
+  """
+
+  def __init__(self, workdir: str, config: Any, dims, mesh: jax.sharding.Mesh):
+    ckpt = config.checkpoint
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._config, self._ckpt = config, ckpt
+    self.track_best = bool(ckpt.best_metric)
+    if self.track_best:
+      match = _BEST_METRIC.match(ckpt.best_metric)
+      if not match or int(match.group(2)) not in dims or ckpt.best_mode not in ("max", "min"):
+        raise ConfigError(
+            f"--config.checkpoint.best_metric={ckpt.best_metric!r} (mode "
+            f"{ckpt.best_mode!r}) is not an eval metric of this run; use val/top1_d<m>, "
+            f"val/top5_d<m> or val/loss_d<m> with m in {list(dims)}, and mode max or min.")
+    self._meta = {"model": f"{config.model.name} {config.model.variant}",
+                  "mrl_mode": config.mrl.mode, "nesting": [int(d) for d in dims],
+                  "mesh": {k: int(v) for k, v in mesh.shape.items()},
+                  "num_devices": int(mesh.devices.size),
+                  "num_processes": jax.process_count(),
+                  "config": json.loads(config.to_json_best_effort())}
+    self._report_unfinished_saves()
+    self._mngr = _manager(self.directory, self._options())
+
+  def _options(self) -> ocp.CheckpointManagerOptions:
+    ckpt = self._ckpt
+    save = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if ckpt.every_steps > 0:
+      save.append(ocp.checkpoint_managers.FixedIntervalPolicy(ckpt.every_steps))
+    keep = [ocp.checkpoint_managers.LatestN(n=max(ckpt.keep, 1))]
+    best_fn = None
+    if self.track_best:
+      name = ckpt.best_metric
+      best_fn = lambda metrics: float(metrics[name])  # pylint: disable=unnecessary-lambda-assignment
+      keep.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn, reverse=ckpt.best_mode == "min", n=ckpt.keep_best,
+          keep_checkpoints_without_metrics=False))
+    return ocp.CheckpointManagerOptions(
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(save),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+        best_fn=best_fn, best_mode=ckpt.best_mode, cleanup_tmp_directories=True,
+        enable_async_checkpointing=ckpt.async_save, create=True)
+
+  def _report_unfinished_saves(self) -> None:
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      if _TMP_MARK in name:
+        logging.warning("Found %s, a save that never completed (the process was killed "
+                        "while writing it); it is not a checkpoint and is being removed.",
+                        os.path.join(self.directory, name))
+
+  # Restoring.
+
+  def restore_or_init(self, state: Any, data_iterator: Any) -> Tuple[Any, int]:
+    """(state, step) of the latest readable checkpoint, else of `init_from`, else as given.
+
+    The arrays are read straight into the shardings of `state` (which may be on
+    another mesh than the one that saved them); `data_iterator.set_state` gets
+    this process's saved position.
+    """
+    target = _abstract(state)
+    for step in reversed(self._mngr.all_steps()):
+      restored = self._try_restore(step, target)
+      if restored is not None:
+        self._restore_data(step, restored, data_iterator)
+        logging.info("Resumed from %s (step %d).", self._step_dir(step), step)
+        return restored["state"], step
+    if self._ckpt.init_from:
+      params, _ = init_params(self._ckpt.init_from, state["params"], self._ckpt.init_regex)
+      state = dict(state, params=params)
+    return state, 0
+
+  def _try_restore(self, step: int, target: Any) -> Optional[Dict[str, Any]]:
+    args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+    if os.path.exists(os.path.join(self._step_dir(step), "data", _data_file())):
+      args["data"] = ocp.args.JsonRestore()
+    error = None
+    try:
+      restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+      if int(restored["state"]["step"]) != step:
+        raise ValueError(f"it holds the state of step {int(restored['state']['step'])}")
+    except Exception as e:  # pylint: disable=broad-except  # Any unreadable file lands here.
+      error, restored = e, None
+    if _all_processes_agree(error is None):
+      return restored
+    self._set_aside(step, error)
+    return None
+
+  def _set_aside(self, step: int, error: Optional[Exception]) -> None:
+    path = self._step_dir(step)
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    aside = f"{path}.corrupt-{stamp}"
+    logging.error("Checkpoint %s cannot be restored (%s: %s). Moving it to %s (kept for "
+                  "inspection) and trying the previous checkpoint.", path,
+                  type(error).__name__ if error else "another process failed",
+                  str(error)[:500] if error else "", aside)
+    if jax.process_index() == 0:
+      os.rename(path, aside)
+    multihost_utils.sync_global_devices(f"mrl_jax_set_aside_{step}")
+    self._mngr.reload()
+
+  def _restore_data(self, step: int, restored: Dict[str, Any], data_iterator: Any) -> None:
+    saved_processes = restored["meta"].get("num_processes")
+    if "data" not in restored:
+      logging.warning(
+          "Checkpoint %s was written by %s processes, now there are %d: the saved data "
+          "positions do not apply, so the data order restarts from the beginning of "
+          "epoch 0 (the model state is restored exactly).", self._step_dir(step),
+          saved_processes, jax.process_count())
+      return
+    data_iterator.set_state(restored["data"])
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  # Saving.
+
+  def latest_step(self) -> Optional[int]:
+    return self._mngr.latest_step()
+
+  def describe(self) -> str:
+    """Where the last checkpoint is, for messages that end a run."""
+    latest = self._mngr.latest_step()
+    if latest is None:
+      return f"No checkpoint was written yet in {self.directory}."
+    return f"The last checkpoint, {self._step_dir(latest)}, is intact."
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step after any host got a preemption notice
+    (needs `jax.distributed`; always False in a single process)."""
+    return self._mngr.reached_preemption(step)
+
+  def maybe_save(self, step: int, state: Any, data_state: Dict[str, Any], *,
+                 metrics: Optional[Dict[str, float]] = None, force: bool = False,
+                 nonfinite_steps: int = 0) -> bool:
+    """Saves if the policy says so (or `force`); True if a save started.
+
+    With async saves this returns once the arrays are copied off the devices;
+    the files are written in the background (`wait()` joins).
+    """
+    force = force or (self.track_best and metrics is not None)
+    if step in self._mngr.all_steps() or not (force or self._mngr.should_save(step)):
+      return False
+    meta = dict(self._meta, step=int(step), nonfinite_steps=int(nonfinite_steps),
+                time=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+    try:
+      return self._mngr.save(step, args=args, metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._mngr.latest_step(), e) from e
+
+  def close(self) -> None:
+    self.wait()
+    self._mngr.close()
+
+  def _save_error(self, step: Optional[int], error: Exception) -> CheckpointError:
+    self._mngr.reload()
+    kept = self._mngr.all_steps()
+    return CheckpointError(
+        f"Saving checkpoint step {step} to {self.directory} failed: {type(error).__name__}: "
+        f"{error}. The unfinished save was not made a checkpoint; the previous checkpoints "
+        f"(steps {list(kept) or 'none'}) are intact. Free disk space or fix the directory's "
+        "permissions, then rerun the same command to resume.")
+
+
+def _resolve(init_from: str) -> Tuple[str, int]:
+  """(checkpoints directory, step) from a workdir, a checkpoints dir or a step dir."""
+  path = os.path.abspath(init_from)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(os.path.basename(path))
+  steps = sorted(int(n) for n in (os.listdir(path) if os.path.isdir(path) else [])
+                 if n.isdigit())
+  if not steps:
+    raise FileNotFoundError(
+        f"--config.checkpoint.init_from={init_from}: no checkpoint found there (looked for "
+        f"{path}/<step>/state). Pass a run's workdir, its checkpoints/ directory or a step "
+        "directory.")
+  return path, steps[-1]
+
+
+def init_params(init_from: str, params: Any, regex: str = "") -> Tuple[Any, List[str]]:
+  """Params with the leaves of another run's checkpoint that match `regex` and fit.
+
+  Only parameters are read (no optimizer state, no step), each straight into the
+  sharding of the matching leaf of `params`. A leaf is loaded if its path (as in
+  "backbone/blocks/0/mlp/fc1/kernel") matches `regex` and the checkpoint has it
+  with the same shape; every other leaf keeps its fresh initialisation, and the
+  report (also logged) says why.
+  """
+  directory, step = _resolve(init_from)
+  mngr = _manager(directory, ocp.CheckpointManagerOptions(read_only=True))
+  saved = jax.tree_util.tree_flatten_with_path(mngr.item_metadata(step)["state"])[0]
+  saved = {sharding.path_string(p): (p, m) for p, m in saved}
+  pattern = re.compile(regex or ".*")
+  wanted, lines = {}, []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = sharding.path_string(path)
+    key = f"params/{name}"
+    if not pattern.search(name):
+      lines.append(f"  not loaded  {name}: does not match init_regex {regex!r}")
+    elif key not in saved:
+      lines.append(f"  not loaded  {name}: not in the checkpoint")
+    elif tuple(saved[key][1].shape) != tuple(leaf.shape):
+      lines.append(f"  not loaded  {name}: shape {tuple(leaf.shape)} here, "
+                   f"{tuple(saved[key][1].shape)} in the checkpoint")
+    else:
+      wanted[key] = (saved[key][0], leaf)
+      lines.append(f"  loaded      {name} {tuple(leaf.shape)}")
+  restored = _restore_subset(mngr, step, wanted) if wanted else {}
+  mngr.close()
+
+  def pick(path, leaf):
+    return restored.get(f"params/{sharding.path_string(path)}", leaf)
+
+  params = jax.tree_util.tree_map_with_path(pick, params)
+  header = (f"Initialised from {directory}/{step}: {len(wanted)} of {len(lines)} parameter "
+            "arrays loaded, the others keep their fresh initialisation.")
+  logging.info("%s\n%s", header, "\n".join(lines))
+  return params, [header] + lines
+
+
+def _restore_subset(mngr, step: int, wanted: Dict[str, Tuple[Tuple, Any]]) -> Dict[str, Any]:
+  """Reads only the `wanted` leaves ({name: (saved key path, target leaf)})."""
+  item, restore_args = {}, {}
+  for saved_path, leaf in wanted.values():
+    keys = [getattr(k, "key", getattr(k, "idx", k)) for k in saved_path]
+    node, args_node = item, restore_args
+    for k in keys[:-1]:
+      node, args_node = node.setdefault(k, {}), args_node.setdefault(k, {})
+    node[keys[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    args_node[keys[-1]] = ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype,
+                                               global_shape=leaf.shape)
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True)))["state"]
+  flat = jax.tree_util.tree_flatten_with_path(out)[0]
+  return {sharding.path_string(p): x for p, x in flat}
+

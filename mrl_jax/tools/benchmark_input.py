@@ -1,0 +1,194 @@
+"""Input-pipeline throughput per CPU core: our train/eval specs against naive pillow.
+
+  python -m mrl_jax.tools.benchmark_input [--num_images=200] [--passes=5] [--image_dir=DIR]
+
+Runs in one process, so every figure is images/s for one core. Every
+candidate sees the same JPEG bytes (held in memory, so disk speed is not
+measured) in the same order with the same random crops and flips; candidates
+take turns within each pass, so a noisy neighbour on a shared machine slows
+them alike, and the median pass is reported. Without --image_dir, ImageNet-
+like JPEGs are generated: 400–500 × 330–375 pixels, smooth colour fields,
+blobs, texture and sensor-like noise, quality 90 (~80–100 KB each).
+
+The naive baseline is what a plain torchvision/PIL loader does:
+Image.open → convert("RGB") → crop → resize(224, BILINEAR) → flip for
+training, and resize(shorter side 256) → centre crop 224 for eval.
+"""
+
+import glob
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import cv2
+import numpy as np
+import PIL
+import simplejpeg
+from absl import app, flags
+from PIL import Image
+
+from mrl_jax.data import image_ops, preprocess
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_images", 200, "JPEGs to generate (or to read from --image_dir).")
+flags.DEFINE_integer("passes", 5, "Timed passes over the images per candidate (median shown).")
+flags.DEFINE_integer("quality", 90, "JPEG quality of the generated images (90: ~87 KB, "
+                     "80: ~55 KB at the mean 450×350).")
+flags.DEFINE_string("image_dir", "", "Read real JPEGs (recursively) from here instead.")
+flags.DEFINE_string("json_out", "", "Also write the JSON result to this file.")
+
+TRAIN_SPEC = "decode|inception_crop(224)|flip_lr"
+EVAL_SPEC = "decode|resize_small(256)|central_crop(224)"
+WARMUP_IMAGES = 20
+
+
+def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90
+                   ) -> bytes:
+  """A JPEG whose statistics resemble a photo: smooth fields, edges, texture, noise."""
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+  image = np.empty((height, width, 3), np.float32)
+  for c in range(3):
+    a, b, phase = rng.uniform(-1, 1, 3)
+    image[..., c] = 128 + 80 * np.sin(a * xx / 40 + b * yy / 30 + 6 * phase)
+  for _ in range(6):  # objects with hard edges
+    cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 120)
+    inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+    image[inside] = 0.5 * image[inside] + 0.5 * rng.uniform(0, 255, 3)
+  texture = rng.normal(0, 1, (height // 4 + 1, width // 4 + 1, 3)).astype(np.float32)
+  image += 25 * np.kron(texture, np.ones((4, 4, 1), np.float32))[:height, :width]
+  image += rng.normal(0, 12, image.shape).astype(np.float32)
+  buffer = io.BytesIO()
+  Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG",
+                                                                quality=quality)
+  return buffer.getvalue()
+
+
+def load_images(image_dir: str, num_images: int, quality: int = 90, seed: int = 0
+                ) -> List[bytes]:
+  """`num_images` JPEGs from `image_dir` (sorted paths), or generated ones."""
+  if not image_dir:
+    rng = np.random.default_rng(seed)
+    return [synthetic_jpeg(rng, int(rng.integers(400, 501)), int(rng.integers(330, 376)),
+                           quality) for _ in range(num_images)]
+  paths = sorted(p for p in glob.glob(os.path.join(image_dir, "**", "*"), recursive=True)
+                 if p.lower().endswith((".jpg", ".jpeg")))[:num_images]
+  if not paths:
+    raise FileNotFoundError(f"No .jpg/.jpeg files under --image_dir={image_dir}; point it at "
+                            "a folder of JPEGs or leave it empty to generate some.")
+  images = []
+  for path in paths:
+    with open(path, "rb") as f:
+      images.append(f.read())
+  return images
+
+
+def pillow_train(data: bytes, rng: np.random.Generator) -> np.ndarray:
+  image = Image.open(io.BytesIO(data)).convert("RGB")
+  top, left, h, w = image_ops.sample_inception_box(image.height, image.width, rng)
+  image = image.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR)
+  if rng.random() < 0.5:
+    image = image.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.asarray(image)
+
+
+def pillow_eval(data: bytes, rng: np.random.Generator) -> np.ndarray:
+  del rng
+  image = Image.open(io.BytesIO(data)).convert("RGB")
+  h, w = image_ops.resize_small_size(image.height, image.width, 256)
+  image = image.resize((w, h), Image.BILINEAR)
+  top, left = image_ops.central_crop_offsets(h, w, (224, 224))
+  return np.asarray(image.crop((left, top, left + 224, top + 224)))
+
+
+def candidates() -> Dict[str, Callable[[bytes, np.random.Generator], object]]:
+  """name → f(jpeg_bytes, rng); the pillow pair is the baseline of the speedups."""
+  train = preprocess.parse(TRAIN_SPEC, num_classes=1)
+  evaluate = preprocess.parse(EVAL_SPEC, num_classes=1)
+  return {
+      "pillow_train": pillow_train,
+      "pillow_eval": pillow_eval,
+      "mrl_jax_train": lambda data, rng: train({"image": data}, rng),
+      "mrl_jax_eval": lambda data, rng: evaluate({"image": data}),
+      "decode_pillow": lambda data, rng: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+      "decode_simplejpeg": lambda data, rng: simplejpeg.decode_jpeg(data),
+      "decode_opencv": lambda data, rng: cv2.imdecode(np.frombuffer(data, np.uint8),
+                                                      cv2.IMREAD_COLOR),
+  }
+
+
+def measure(images: List[bytes], passes: int, seed: int = 0) -> Dict[str, float]:
+  """Median images/s of each candidate over `passes` interleaved passes."""
+  funcs = candidates()
+  for f in funcs.values():  # warm-up: imports, caches, allocator
+    rng = np.random.default_rng(seed)
+    for data in images[:WARMUP_IMAGES]:
+      f(data, rng)
+  rates = {name: [] for name in funcs}
+  for _ in range(passes):
+    for name, f in funcs.items():
+      rng = np.random.default_rng(seed)
+      start = time.perf_counter()
+      for data in images:
+        f(data, rng)
+      rates[name].append(len(images) / (time.perf_counter() - start))
+  return {name: round(statistics.median(r), 1) for name, r in rates.items()}
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def benchmark(images: List[bytes], passes: int) -> dict:
+  dims = [simplejpeg.decode_jpeg_header(data)[:2] for data in images]
+  rates = measure(images, passes)
+  return {
+      "img_per_sec_per_core": rates,
+      "speedup_vs_pillow": {
+          "train": round(rates["mrl_jax_train"] / rates["pillow_train"], 2),
+          "eval": round(rates["mrl_jax_eval"] / rates["pillow_eval"], 2)},
+      "train_spec": TRAIN_SPEC, "eval_spec": EVAL_SPEC,
+      "num_images": len(images), "passes": passes,
+      "mean_kb": round(sum(map(len, images)) / len(images) / 1000, 1),
+      "mean_hw": [round(float(np.mean([d[i] for d in dims]))) for i in (0, 1)],
+      "cpu": cpu_model(), "cores": os.cpu_count(),
+      "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                   "pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__,
+                   "opencv": cv2.__version__}}
+
+
+def main(argv):
+  del argv
+  try:
+    images = load_images(FLAGS.image_dir, FLAGS.num_images, FLAGS.quality)
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
+  result = benchmark(images, FLAGS.passes)
+  print(f"{result['num_images']} JPEGs, mean {result['mean_kb']} KB, mean "
+        f"{result['mean_hw'][1]}×{result['mean_hw'][0]}; {result['cpu']} "
+        f"({result['cores']} cores visible, 1 used); median of {FLAGS.passes} passes")
+  print(f"{'candidate':20s} {'img/s/core':>10s}")
+  for name, rate in result["img_per_sec_per_core"].items():
+    print(f"{name:20s} {rate:10.1f}")
+  print(f"speedup vs pillow: train {result['speedup_vs_pillow']['train']}×, "
+        f"eval {result['speedup_vs_pillow']['eval']}×")
+  line = json.dumps(result)
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w", encoding="utf-8") as f:
+      f.write(line + "\n")
+  print(line, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,207 @@
+"""Checkpoints on real files, in process: topology changes, corruption, full disk,
+best-metric retention, fine-tuning init and the non-finite step guard."""
+
+import glob
+import os
+import resource
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from mrl_jax import checkpointing, data, experiment, sharding
+from mrl_jax.data import pipeline
+
+FSDP8 = {"data": 1, "fsdp": 8, "model": 1}
+
+
+def _config(**checkpoint):
+  c = demo.get_config("runlocal,synthetic")
+  c.model.name, c.model.variant = "vit", "mu/4"
+  c.model.options = {"dropout": 0.1}  # dropout rng state must survive a restore too
+  c.mrl.nesting = (4, 8, 16, 32)
+  c.input.image_size = 16
+  c.checkpoint.update(checkpoint)
+  return c
+
+
+def _build(config, mesh_shape, devices=None):
+  config.mesh.update(mesh_shape)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  return experiment.build_experiment(config, mesh, total_steps=10), mesh
+
+
+def _host_iterator(config):
+  source = data.build_source(config.input, "train", num_classes=config.num_classes)
+  return pipeline.train_iterator(
+      source, data.build_preprocess(config.input, "train", num_classes=config.num_classes),
+      global_batch=config.input.batch_size, seed=config.seed,
+      num_classes=config.num_classes)
+
+
+def _host(tree):
+  """Numpy copies (typed PRNG keys as their raw bits), for comparing values."""
+  def one(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """Two trained steps on an 8-device fsdp mesh, each saved; host copies kept."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = _config()
+  exp, mesh = _build(config, FSDP8)
+  ckpt = checkpointing.Checkpointer(workdir, config, exp.dims, mesh)
+  host_it = _host_iterator(config)
+  state, saved, data_states, next_batches = exp.state, {}, {}, {}
+  for step in (1, 2):
+    state, _ = exp.train_step(state, pipeline.to_global(next(host_it), exp.batch_sharding))
+    saved[step], data_states[step] = _host(state), host_it.get_state()
+    assert ckpt.maybe_save(step, state, data_states[step], force=True)
+  ckpt.close()
+  next_batches[2] = next(host_it)
+  return dict(workdir=workdir, config=config, dims=exp.dims, saved=saved,
+              next_batch=next_batches[2])
+
+
+@pytest.mark.parametrize("mesh_shape,num_devices", [
+    ({"data": 1, "fsdp": 1, "model": 1}, 1),
+    ({"data": 4, "fsdp": 1, "model": 2}, 8),
+])
+def test_restores_onto_another_mesh_in_its_shardings(saved_run, mesh_shape, num_devices):
+  config = _config()
+  exp, mesh = _build(config, mesh_shape, jax.devices()[:num_devices])
+  ckpt = checkpointing.Checkpointer(saved_run["workdir"], config, exp.dims, mesh)
+  host_it = _host_iterator(config)
+  state, step = ckpt.restore_or_init(exp.state, host_it)
+  ckpt.close()
+  assert step == 2
+  _assert_trees_equal(_host(state), saved_run["saved"][2])
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(exp.state_shardings)):
+    assert got.sharding == want
+  # The data position too: the next batch is the one the saving run would have used.
+  _assert_trees_equal(next(host_it), saved_run["next_batch"])
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_previous_used(saved_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(saved_run["workdir"], workdir)
+  chunks = glob.glob(f"{workdir}/checkpoints/2/state/**/d/*", recursive=True)
+  assert chunks
+  for chunk in chunks:  # torn writes: the second half of every data file is gone
+    with open(chunk, "r+b") as f:
+      f.truncate(os.path.getsize(chunk) // 2)
+  config = _config()
+  exp, mesh = _build(config, FSDP8)
+  ckpt = checkpointing.Checkpointer(workdir, config, exp.dims, mesh)
+  state, step = ckpt.restore_or_init(exp.state, _host_iterator(config))
+  assert step == 1
+  _assert_trees_equal(_host(state), saved_run["saved"][1])
+  aside = glob.glob(f"{workdir}/checkpoints/2.corrupt-*")
+  assert len(aside) == 1 and os.path.exists(aside[0] + chunks[0][len(f"{workdir}/checkpoints/2"):])
+  # Training goes on: the next save at step 2 lands beside the set-aside one.
+  assert ckpt.maybe_save(2, state, {"grain": {}, "skipped": 0}, force=True)
+  ckpt.close()
+  assert sorted(os.listdir(f"{workdir}/checkpoints"))[:2] == ["1", "2"]
+
+
+def test_full_disk_fails_clearly_and_keeps_previous_checkpoints(saved_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(saved_run["workdir"], workdir)
+  config = _config()
+  exp, mesh = _build(config, FSDP8)
+  ckpt = checkpointing.Checkpointer(workdir, config, exp.dims, mesh)
+  state, _ = ckpt.restore_or_init(exp.state, _host_iterator(config))
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, hard))  # files over 16 KiB: EFBIG
+  try:
+    with pytest.raises(checkpointing.CheckpointError) as error:
+      ckpt.maybe_save(3, state, {"grain": {}, "skipped": 0}, force=True)
+      ckpt.wait()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  message = str(error.value)
+  assert "step 3" in message and "[1, 2]" in message and "intact" in message, message
+  steps = [n for n in os.listdir(f"{workdir}/checkpoints") if n.isdigit()]
+  assert sorted(steps) == ["1", "2"]
+  reopened = checkpointing.Checkpointer(workdir, config, exp.dims, mesh)
+  restored, step = reopened.restore_or_init(exp.state, _host_iterator(config))
+  reopened.close()
+  assert step == 2
+  _assert_trees_equal(_host(restored), saved_run["saved"][2])
+
+
+def test_unwritable_workdir_is_reported_before_anything_runs(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(checkpointing.CheckpointError, match="writable directory"):
+    checkpointing.check_writable(str(blocker / "workdir"))
+
+
+def test_keeps_the_latest_and_the_best_by_metric(saved_run, tmp_path):
+  config = _config(keep=1, best_metric="val/top1_d32", keep_best=1)
+  exp, mesh = _build(config, FSDP8)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), config, exp.dims, mesh)
+  for step, top1 in zip((1, 2, 3, 4), (0.5, 0.9, 0.3, 0.4)):
+    metrics = {f"val/top1_d{m}": top1 for m in exp.dims}
+    ckpt.maybe_save(step, exp.state, {}, metrics=metrics)
+  ckpt.close()
+  assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [2, 4]
+  with pytest.raises(Exception, match="val/top1_d32"):
+    checkpointing.Checkpointer(str(tmp_path), _config(best_metric="val/top1_d999"),
+                               exp.dims, mesh)
+
+
+def test_fine_tuning_loads_the_selected_params_that_fit(saved_run):
+  config = _config()
+  config.num_classes = 12  # another head: its kernels and biases cannot be loaded
+  exp, _ = _build(config, {"data": 2, "fsdp": 4, "model": 1})
+  fresh = _host(exp.state["params"])
+  saved = saved_run["saved"][2]["params"]
+  for regex in ("", "^backbone/"):
+    params, report = checkpointing.init_params(saved_run["workdir"], exp.state["params"],
+                                               regex)
+    got = _host(params)
+    for name in ("backbone", "head"):
+      for x, s, f in zip(jax.tree.leaves(got[name]), jax.tree.leaves(saved[name]),
+                         jax.tree.leaves(fresh[name])):
+        np.testing.assert_array_equal(x, s if name == "backbone" else f)
+    text = "\n".join(report)
+    reason = "does not match init_regex" if regex else "in the checkpoint"
+    assert all(reason in l for l in report if "not loaded  head/" in l), text
+    num_backbone = len(jax.tree.leaves(saved["backbone"]))
+    assert f"{num_backbone} of {len(jax.tree.leaves(fresh))} parameter arrays" in report[0]
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(exp.state_shardings["params"])):
+    assert got.sharding == want
+
+
+def test_non_finite_step_is_not_applied_and_flagged():
+  config = _config()
+  config.debug_poison_steps = (1,)
+  exp, _ = _build(config, FSDP8)
+  before = _host(exp.state)
+  host_it = _host_iterator(config)
+  state, metrics = exp.train_step(exp.state, pipeline.to_global(next(host_it),
+                                                                exp.batch_sharding))
+  after = _host(state)
+  assert int(metrics["nonfinite"]) == 1 and np.isnan(float(metrics["loss"]))
+  assert int(after["step"]) == 1  # the counter advances, nothing else changes
+  for key in ("params", "opt_state", "model_state"):
+    _assert_trees_equal(after[key], before[key])
+  state, metrics = exp.train_step(state, pipeline.to_global(next(host_it),
+                                                            exp.batch_sharding))
+  assert int(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["loss"]))
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_host(state["params"])),
+                                                      jax.tree.leaves(before["params"]))]
+  assert all(changed)
