@@ -2,7 +2,9 @@
 
 AdamW lr 1e-3 at batch 1024, weight decay 0.05, 300 epochs, 5 warm-up epochs
 then cosine, label smoothing 0.1, stochastic depth 0.1, grad clip 1.0, cls
-pooling. Nesting 12 … 768. Variants: `:runlocal`, `:synthetic`.
+pooling, mixup 0.8 / cutmix 1.0 (switching per batch). Not here: RandAugment,
+random erasing, repeated augmentation. Nesting 12 … 768.
+Variants: `:runlocal`, `:synthetic`.
 """
 
 from configs import common
@@ -51,4 +53,6 @@ def get_config(arg=None):
     c.input.workers = 0
     c.num_classes = 10
     common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
-  return common.inception_specs(c)
+  common.inception_specs(c)
+  c.input.pp_train += "|mixup_cutmix(0.8, 1.0, 0.5)"  # DeiT's mixup/cutmix, per batch
+  return c

@@ -175,13 +175,18 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, loss_type: str = "sof
 
 
 def top1_per_dim(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Fraction of examples whose arg-max class is (one of) the label(s), per dim: [M]."""
+  """Fraction of examples whose arg-max class is (one of) the label(s), per dim: [M].
+
+  With [B, L] targets a hit is a class of the largest target weight: any label
+  of a multi-hot target, the dominant class of a mixup/cutmix blend.
+  """
   pred = jnp.argmax(logits, axis=-1)  # [M, B]
   if labels.ndim == 1:
     hit = pred == labels[None]
   else:
-    hit = jnp.take_along_axis(labels[None].astype(jnp.float32) > 0,
-                              pred[..., None], axis=-1)[..., 0]
+    targets = labels.astype(jnp.float32)
+    picked = jnp.take_along_axis(targets[None], pred[..., None], axis=-1)[..., 0]
+    hit = (picked > 0) & (picked >= targets.max(axis=-1)[None])
   return hit.astype(jnp.float32).mean(axis=1)
 
 

@@ -69,6 +69,20 @@ def test_sigmoid_loss_with_multi_hot_labels():
   assert metrics["top1_per_dim"][0] == 1.0
 
 
+def test_softmax_loss_with_mixup_soft_targets():
+  """Soft targets from mixup/cutmix: CE = -Σ t·log p; top-1 is the dominant class."""
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(2, 6, 5)).astype(np.float32)
+  a, b, lam = rng.integers(0, 5, 6), rng.integers(0, 5, 6), 0.7
+  targets = lam * np.eye(5)[a] + (1 - lam) * np.eye(5)[b]
+  total, metrics = mrl.nested_loss(jnp.asarray(logits), jnp.asarray(targets, jnp.float32))
+  ref = -(targets[None] * np_log_softmax(logits)).sum(-1).mean(-1)
+  np.testing.assert_allclose(metrics["loss_per_dim"], ref, rtol=1e-5)
+  np.testing.assert_allclose(total, ref.sum(), rtol=1e-5)
+  ref_top1 = (logits.argmax(-1) == targets.argmax(-1)[None]).mean(-1)
+  np.testing.assert_allclose(metrics["top1_per_dim"], ref_top1)
+
+
 def test_loss_weight_count_must_match():
   with pytest.raises(ValueError, match="one weight per dim"):
     mrl.nested_loss(jnp.zeros((3, 2, 4)), jnp.zeros((2,), jnp.int32), weights=[1.0, 1.0])

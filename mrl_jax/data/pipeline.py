@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import grain
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from mrl_jax.errors import ConfigError, CorruptImageError, DataError
 
@@ -45,6 +45,17 @@ def local_batch_size(global_batch: int, shard_count: Optional[int] = None) -> in
     raise ConfigError(f"Global batch {global_batch} is not divisible by the {count} "
                       "processes; choose a multiple of the process count.")
   return global_batch // count
+
+
+def _worker_processes(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+  """`workers` grain processes preprocess examples (none: in this process)."""
+  if workers <= 0:
+    return ds
+  if not flags.FLAGS.is_parsed():
+    # grain's workers read absl flags; outside an absl app (a notebook, a test)
+    # nothing has parsed them yet, and the defaults are what we want.
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 def _shard(shard: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -174,8 +185,7 @@ def train_iterator(source, preprocess: Callable, *, global_batch: int, seed: int
   ds = (indices.shuffle(seed=seed).repeat()
         .random_map(_LoadExample(source, preprocess, num_classes, multi_label), seed=seed)
         .to_iter_dataset())
-  if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  ds = _worker_processes(ds, workers)
   skips = _DropSkipped()
   ds = ds.filter(skips).batch(local, drop_remainder=True)
   if getattr(preprocess, "batch_ops", None):
@@ -197,10 +207,7 @@ def eval_iterator(source, preprocess: Callable, *, global_batch: int, num_classe
   padded = num_eval_batches(len(source), global_batch, shard_count) * local
   ds = grain.MapDataset.range(padded).map(
       _LoadEvalExample(source, preprocess, num_classes, multi_label, shard_indices))
-  ds = ds.to_iter_dataset()
-  if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return iter(ds.batch(local))
+  return iter(_worker_processes(ds.to_iter_dataset(), workers).batch(local))
 
 
 class _LoadEvalExample:
