@@ -78,3 +78,44 @@ def test_demo_learns_the_real_digits_at_every_dim(tmp_path):
   assert summary["dims"] == [8, 16, 32, 64, 128, 256, 512]
   assert min(summary["top1"]) > 0.3, summary["top1"]
   assert summary["top1"][-1] > 0.8, summary["top1"]
+
+
+def test_folder_of_real_images_with_corrupt_files_trains_and_reports_them(tmp_path):
+  """A user's own folder through main: corrupt files are skipped, counted and named."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from fashion_folder import write_image_folder  # pylint: disable=import-outside-toplevel
+  write_image_folder(tmp_path / "data", "train", 30)
+  write_image_folder(tmp_path / "data", "val", 16, offset=30)
+  train_class = sorted(os.listdir(tmp_path / "data/train"))[0]
+  val_class = sorted(os.listdir(tmp_path / "data/val"))[0]
+  (tmp_path / "data/train" / train_class / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+  (tmp_path / "data/val" / val_class / "empty.png").write_bytes(b"")
+  proc = run_main("configs/demo.py:runlocal", tmp_path / "w", "--config.input.source=folder",
+                  f"--config.input.data_dir={tmp_path / 'data'}",
+                  "--config.input.splits.val=val", "--config.total_steps=6",
+                  "--config.input.pp_train=decode|inception_crop(32)|flip_lr"
+                  "|normalize(imagenet)|mixup(0.2)",
+                  "--config.input.pp_eval=decode|resize_small(36)|central_crop(32)"
+                  "|normalize(imagenet)", devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Skipped unreadable image #1 (id train/{train_class}/broken.jpg)" in proc.stderr
+  assert "eval skipped 1 unreadable images" in proc.stderr
+  assert f"val/{val_class}/empty.png" in proc.stderr
+  lines = [json.loads(l) for l in (tmp_path / "w/metrics.jsonl").read_text().splitlines()]
+  assert max(l.get("train/skipped_images", 0) for l in lines) >= 1
+  assert [l["val/skipped_images"] for l in lines if "val/skipped_images" in l][-1] == 1
+  summary = json.loads((tmp_path / "w/summary.json").read_text())
+  assert summary["steps"] == 6 and len(summary["top1"]) == len(summary["dims"])
+
+
+def test_label_beyond_num_classes_stops_with_the_file_and_the_fix(tmp_path):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from fashion_folder import write_image_folder  # pylint: disable=import-outside-toplevel
+  write_image_folder(tmp_path / "data", "train", 60)
+  write_image_folder(tmp_path / "data", "val", 10, offset=60)
+  proc = run_main("configs/demo.py:runlocal", tmp_path / "w", "--config.input.source=folder",
+                  f"--config.input.data_dir={tmp_path / 'data'}",
+                  "--config.input.splits.val=val", "--config.num_classes=5", devices=1,
+                  timeout=120)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "--config.num_classes=" in proc.stderr
