@@ -89,6 +89,20 @@ def get_base_config():
       init_from="",           # fine-tuning: params from another run's workdir / step dir
       init_regex=""))         # ... only those whose path matches, e.g. "^backbone/"
   c.debug_poison_steps = ()   # tests: steps whose loss and gradients are made NaN
+
+  # The evaluation suite (mrl_jax/evaluators; README "Evaluation"): instance name →
+  # {"type": registered evaluator, "every_steps": N (0: only at the end of training
+  # and by `python -m mrl_jax.evaluate`), ...its options}, e.g.
+  # c.evals.knn = ml_collections.ConfigDict({"type": "knn", "every_steps": 5000}).
+  c.evals = ml_collections.ConfigDict()
+  # Embeddings z (mrl_jax/embed.py), for `python -m mrl_jax.embed` and the evaluators.
+  c.embed = ml_collections.ConfigDict(dict(
+      dtype="float32",        # float16 halves the disk (ImageNet train: 5 GB instead of 10)
+      shard_size=0,           # rows per shard file per process; 0: one shard per process
+      batch_size=0,           # global batch of the forward pass; 0: input.eval_batch_size
+      # Extra eval splits (robustness sets) by name → overrides of `input`, e.g.
+      # imagenet_a=dict(source="folder", data_dir=..., splits=dict(imagenet_a="imagenet-a")).
+      splits=ml_collections.ConfigDict()))
   return c
 
 

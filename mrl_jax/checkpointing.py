@@ -51,6 +51,33 @@ def check_writable(workdir: str) -> None:
                           "a writable directory with free space.") from e
 
 
+def _check_shared(directory: str) -> None:
+  """All processes must see one directory (each writes its shards into the same step)."""
+  if jax.process_count() == 1:
+    return
+  nonce = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.randint(1 << 30))))
+  token = os.path.join(directory, ".shared_check")
+  if jax.process_index() == 0:
+    with open(token, "w", encoding="utf-8") as f:
+      f.write(str(nonce))
+  multihost_utils.sync_global_devices("mrl_jax_shared_check_written")
+  try:
+    with open(token, encoding="utf-8") as f:
+      ok = f.read() == str(nonce)
+  except OSError:
+    ok = False
+  agreed = _all_processes_agree(ok)
+  multihost_utils.sync_global_devices("mrl_jax_shared_check_read")
+  if jax.process_index() == 0:
+    os.remove(token)
+  if not agreed:
+    raise CheckpointError(
+        f"Not every process sees the file process 0 wrote in {directory} (process "
+        f"{jax.process_index()} {'does' if ok else 'does not'}). Checkpoints need a --workdir "
+        "on storage that every host shares (GCS, NFS, Lustre): each host writes its own "
+        "shards into the same step.")
+
+
 def _data_file() -> str:
   return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
@@ -79,6 +106,17 @@ def _abstract(tree: Any) -> Any:
                       tree)
 
 
+def _shapes(tree: Any) -> Dict[str, Any]:
+  """{path: shape} of a state or its saved metadata (None for PRNG keys, which Orbax
+  stores as their raw bits with an extra dim)."""
+  def shape(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      return None
+    return tuple(x.shape)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {sharding.path_string(p): shape(x) for p, x in flat}
+
+
 def _all_processes_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
@@ -95,7 +133,7 @@ class Checkpointer:
   def __init__(self, workdir: str, config: Any, dims, mesh: jax.sharding.Mesh):
     ckpt = config.checkpoint
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._config, self._ckpt = config, ckpt
+    self._ckpt = ckpt
     self.track_best = bool(ckpt.best_metric)
     if self.track_best:
       match = _BEST_METRIC.match(ckpt.best_metric)
@@ -110,6 +148,8 @@ class Checkpointer:
                   "num_devices": int(mesh.devices.size),
                   "num_processes": jax.process_count(),
                   "config": json.loads(config.to_json_best_effort())}
+    self._saving: Optional[int] = None  # the step of the latest save started
+    _check_shared(self.directory)
     self._report_unfinished_saves()
     self._mngr = _manager(self.directory, self._options())
 
@@ -121,8 +161,8 @@ class Checkpointer:
     keep = [ocp.checkpoint_managers.LatestN(n=max(ckpt.keep, 1))]
     best_fn = None
     if self.track_best:
-      name = ckpt.best_metric
-      best_fn = lambda metrics: float(metrics[name])  # pylint: disable=unnecessary-lambda-assignment
+      def best_fn(metrics, name=ckpt.best_metric):
+        return float(metrics[name])
       keep.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=best_fn, reverse=ckpt.best_mode == "min", n=ckpt.keep_best,
           keep_checkpoints_without_metrics=False))
@@ -166,17 +206,34 @@ class Checkpointer:
     args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
     if os.path.exists(os.path.join(self._step_dir(step), "data", _data_file())):
       args["data"] = ocp.args.JsonRestore()
-    error = None
-    try:
+    restored, error = None, None
+    try:  # Any unreadable or missing file lands in `except`.
+      saved = self._mngr.item_metadata(step)["state"]
+      if saved is None:
+        raise FileNotFoundError("its state metadata is missing")
+      saved = _shapes(saved)
+      self._check_same_model(step, saved, _shapes(target))
       restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
       if int(restored["state"]["step"]) != step:
         raise ValueError(f"it holds the state of step {int(restored['state']['step'])}")
-    except Exception as e:  # pylint: disable=broad-except  # Any unreadable file lands here.
-      error, restored = e, None
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      restored, error = None, e
     if _all_processes_agree(error is None):
       return restored
     self._set_aside(step, error)
     return None
+
+  def _check_same_model(self, step: int, saved: Dict[str, Any], wanted: Dict[str, Any]):
+    """A checkpoint of another model is the user's mistake, not corruption: stop."""
+    diff = sorted(set(saved) ^ set(wanted)) or sorted(
+        k for k in wanted if wanted[k] is not None and saved[k] != wanted[k])
+    if diff:
+      raise ConfigError(
+          f"Checkpoint {self._step_dir(step)} holds a different train state than this config "
+          f"builds (first differences: {diff[:3]}), e.g. another model, head or optimizer. "
+          "Use a new --workdir, or start from it with --config.checkpoint.init_from.")
 
   def _set_aside(self, step: int, error: Optional[Exception]) -> None:
     path = self._step_dir(step)
@@ -237,6 +294,8 @@ class Checkpointer:
                 time=datetime.datetime.now(datetime.timezone.utc).isoformat())
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+    self._saving = step
+    logging.info("Saving checkpoint step %d to %s.", step, self.directory)
     try:
       return self._mngr.save(step, args=args, metrics=metrics, force=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -247,7 +306,7 @@ class Checkpointer:
     try:
       self._mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_error(self._mngr.latest_step(), e) from e
+      raise self._save_error(self._saving, e) from e
 
   def close(self) -> None:
     self.wait()
@@ -337,3 +396,34 @@ def _restore_subset(mngr, step: int, wanted: Dict[str, Tuple[Tuple, Any]]) -> Di
   flat = jax.tree_util.tree_flatten_with_path(out)[0]
   return {sharding.path_string(p): x for p, x in flat}
 
+
+
+def restore_state(workdir: str, target: Any, step: Optional[int] = None) -> Tuple[Any, int]:
+  """(train state, step) of a run's checkpoint, for evaluation and embedding outside training.
+
+  `workdir` is a run's workdir or its checkpoints/ directory; `step` None → the
+  latest. `target` is the abstract train state (jax.ShapeDtypeStruct leaves whose
+  `sharding` says where each array goes, e.g. on another mesh than training's);
+  the arrays are read straight into those shardings. Read only: nothing is set
+  aside or removed (a corrupt step raises, naming it).
+  """
+  path = os.path.abspath(workdir)
+  directory = os.path.join(path, "checkpoints") if os.path.isdir(
+      os.path.join(path, "checkpoints")) else path
+  mngr = _manager(directory, ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    saved = list(mngr.all_steps())
+    if not saved:
+      raise FileNotFoundError(f"No checkpoint in {directory}; train the run first (python -m "
+                              "mrl_jax.main --config=... --workdir=...) or point --workdir at "
+                              "a run's workdir.")
+    step = max(saved) if step is None else int(step)
+    if step not in saved:
+      raise FileNotFoundError(f"No checkpoint step {step} in {directory}; it has steps "
+                              f"{sorted(saved)}. Pass one of them, or no step for the latest.")
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    mngr.close()
+  logging.info("Restored %s/%d for evaluation.", directory, step)
+  return state, step

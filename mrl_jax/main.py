@@ -31,11 +31,14 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "workers are found through the metadata server); 'off' never.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Errors the user fixes: printed as one line, no traceback (also by the evaluate/embed CLIs).
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, checkpointing.CheckpointError,
+               TrainingDiverged)
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def _init_distributed() -> None:
+def init_distributed() -> None:
   """Explicit flags win; otherwise let JAX auto-detect TPU pods, SLURM and Open MPI."""
   if FLAGS.distributed == "off":
     return
@@ -57,7 +60,7 @@ def _multi_process_env() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _init_distributed()
+  init_distributed()
   config, workdir = FLAGS.config, FLAGS.workdir
   logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s).", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -71,8 +74,7 @@ def main(argv):
   except Preempted as e:  # Saved; the scheduler may restart the same command.
     logging.warning("%s", e)
     sys.exit(0)
-  except (ConfigError, DataError, FileNotFoundError, checkpointing.CheckpointError,
-          TrainingDiverged) as e:
+  except USER_ERRORS as e:
     # The user's to fix: one clear message, no traceback.
     logging.error("%s", e)
     sys.exit(f"error: {e}")

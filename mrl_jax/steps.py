@@ -82,9 +82,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   gradients are summed in a scan, so memory follows the slice size while the
   update equals one step on the full batch (BatchNorm sees each slice).
   A step whose loss or gradient norm is not finite changes nothing but the step
-  counter (params, optimizer and model state stay as they were; the counter
-  advances so the data position, schedule and checkpoints keep their meaning)
-  and reports `nonfinite` = 1. `poison_steps` (a debug knob for testing that
+  counter and reports `nonfinite` = 1: params, optimizer and model state stay
+  as they were (so the optimizer's own count, which drives the LR schedule,
+  counts applied updates only); the counter advances so that it keeps naming the
+  data position and the checkpoint step. `poison_steps` (a debug knob for testing that
   guard) makes the loss and gradients NaN at those step numbers (1-based).
   """
 

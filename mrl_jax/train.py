@@ -7,7 +7,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from mrl_jax import checkpointing, config_checks, data, experiment, fault_tolerance, report
+from mrl_jax import checkpointing, config_checks, data, evaluate, experiment, fault_tolerance
+from mrl_jax import report
 from mrl_jax import sharding
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
@@ -34,6 +35,7 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                config.input.batch_size)
   logging.info("Sharded parameters:\n%s", exp.sharding_summary)
   writer = MetricWriter(workdir)
+  evals = evaluate.TrainingEvaluations(config, workdir, mesh, exp.state_shardings, dims, writer)
   ckpt = checkpointing.Checkpointer(workdir, config, dims, mesh)
   host_batches = pipeline.train_iterator(
       train_source, data.build_preprocess(config.input, "train",
@@ -67,23 +69,24 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
       if config.eval_every and step % config.eval_every == 0 and step != total_steps:
         val = _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims,
                         writer, step)
+      evals(step, state, final=step == total_steps)  # config.evals, each at its every_steps
       stop = watcher.should_stop(step)
       if step != total_steps or stop:
         ckpt.maybe_save(step, state, batches.get_state(), metrics=_val_scalars(dims, val),
                         force=stop, nonfinite_steps=guard.total)
-      if stop:
-        ckpt.wait()
+      if stop:  # The `finally` below waits for the save before main exits 0.
         raise fault_tolerance.Preempted(
             f"Stopped by {watcher.signal_name} after step {step}; its checkpoint is in "
             f"{ckpt.directory}. Rerun the same command to resume.")
     guard.flush()
+    results = _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims,
+                        writer, step)
+    ckpt.maybe_save(step, state, batches.get_state(), metrics=_val_scalars(dims, results),
+                    force=True, nonfinite_steps=guard.total)
   finally:
     watcher.close()
     batches.close()
-  results = _evaluate(exp.eval_step, state, val_source, config, batch_sharding, dims, writer, step)
-  ckpt.maybe_save(step, state, batches.get_state(), metrics=_val_scalars(dims, results),
-                  force=True, nonfinite_steps=guard.total)
-  ckpt.close()
+    ckpt.close()  # Waits for the saves in flight, whatever ended the run.
   table = report.write_per_dim_results(
       workdir, dims, results,
       title=f"{config.model.name} {config.model.variant} {config.mrl.mode}: "

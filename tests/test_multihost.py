@@ -33,10 +33,9 @@ def _launch(tmp_path):
   env.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={_LOCAL_DEVICES}")
   procs = []
+  workdir = tmp_path / "workdir"  # Shared, as checkpoints need (a shared file system).
   for i in range(_NUM_PROCESSES):
-    # One workdir each (as with host-local disks), so a stray write by a
-    # process other than 0 cannot hide in process 0's files.
-    workdir, log = tmp_path / f"workdir{i}", tmp_path / f"process{i}.log"
+    log = tmp_path / f"process{i}.log"
     cmd = [sys.executable, "-m", "mrl_jax.main", "--config=configs/demo.py:runlocal",
            f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
            f"--num_processes={_NUM_PROCESSES}", f"--process_id={i}"]
@@ -90,12 +89,14 @@ def test_two_process_cpu_run(tmp_path):
   # runlocal evaluates 2 global batches of 16; each process holds only half.
   assert all(_EVAL_RE.findall(text) == ["32"] for text in logs), dump
 
-  # Process 0 writes the outputs; no other process writes anything.
+  # Process 0 writes the logs and results; each process saves its own data state.
   workdir0 = procs[0][2]
   for name in ("config.json", "summary.json", "results.json", "metrics.jsonl"):
     assert (workdir0 / name).is_file(), (name, sorted(os.listdir(workdir0)))
-  for _, _, workdir in procs[1:]:
-    assert not workdir.exists() or not any(workdir.iterdir()), sorted(workdir.iterdir())
+  data_states = sorted(p.name for p in (workdir0 / "checkpoints" / "4" / "data").iterdir()
+                       if p.name.startswith("process_"))
+  assert data_states == [f"process_{i}-of-{_NUM_PROCESSES}.json"
+                         for i in range(_NUM_PROCESSES)], data_states
 
   summary = json.loads((workdir0 / "summary.json").read_text())
   assert summary["steps"] == 4 and len(summary["top1"]) == len(summary["dims"])

@@ -7,13 +7,16 @@ array over the mesh. Images stay uint8 until they are on the device (4× less
 host→device traffic); the step normalises them.
 
 Order of the train pipeline, and why:
-- Examples are preprocessed in grain worker processes (`mp_prefetch`), one
-  example at a time; batching happens after the prefetch, in the main process
-  (grain #1129: batching before `mp_prefetch` lost data with several workers).
-- A corrupt image becomes a marker instead of a crash; the main process drops
-  markers, counts them and logs the record (`skipped`), so the same examples
-  are skipped on every run and the batch stays full.
-- Batch-level ops (mixup, cutmix) run last, seeded by the batch counter.
+- Whole batches are made in grain worker processes (`mp_prefetch` after
+  `MapDataset.batch`): one hand-over per batch, not per example, so the main
+  process (which also feeds the accelerator) is not the bottleneck, and
+  batches are cut from the global order, so no worker drops a remainder
+  (grain #1129 lost data batching per worker after the prefetch).
+- A corrupt image is skipped: its slot goes to the next readable record (with
+  that record's own label), so batches stay full and the position stays
+  exactly restorable. The batch carries the count and a note naming the
+  record; the main process logs it and counts it (`skipped`).
+- Batch-level ops (mixup, cutmix) run in the workers too, seeded per batch.
 The iterator's position (grain state + skip count) is a small JSON-able dict:
 `get_state()` / `set_state()` restore the exact next batch.
 
@@ -23,6 +26,7 @@ example is counted exactly once.
 """
 
 import math
+import os
 import queue
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -35,8 +39,8 @@ from absl import flags, logging
 from mrl_jax.errors import ConfigError, CorruptImageError, DataError
 
 DEVICE_KEYS = ("image", "label", "mask")
-_SKIPPED = "_skipped"  # Key of the marker that replaces an unreadable example.
 _LOG_FIRST_SKIPS = 20  # Log every skipped record up to here, then every 100th.
+_MAX_UNREADABLE_IN_A_ROW = 64  # More than this many in a row: the data is broken.
 
 
 def local_batch_size(global_batch: int, shard_count: Optional[int] = None) -> int:
@@ -47,14 +51,21 @@ def local_batch_size(global_batch: int, shard_count: Optional[int] = None) -> in
   return global_batch // count
 
 
-def _worker_processes(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
-  """`workers` grain processes preprocess examples (none: in this process)."""
+def _parallel(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
+  """Reads the batches of `ds` in `workers` grain processes (0: threads here).
+
+  Elements are whole batches, so read-ahead is counted in batches: grain's
+  default (500 elements per process) would hold gigabytes of images.
+  """
   if workers <= 0:
-    return ds
+    threads = min(os.cpu_count() or 1, 8)  # decode and resize release the GIL
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                prefetch_buffer_size=threads))
   if not flags.FLAGS.is_parsed():
     # grain's workers read absl flags; outside an absl app (a notebook, a test)
     # nothing has parsed them yet, and the defaults are what we want.
     flags.FLAGS.mark_as_parsed()
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
@@ -63,11 +74,13 @@ def _shard(shard: Optional[Tuple[int, int]]) -> Tuple[int, int]:
 
 
 class _LoadExample:
-  """index → preprocessed example with a checked label, or a skip marker.
+  """Source index → preprocessed example with a checked label.
 
   Runs in the grain workers. A label the config cannot hold is a `DataError`
-  (the dataset or `num_classes` is wrong: skipping would hide it); an image no
-  decoder reads is a skip marker (one bad JPEG in 1.28M must not end the run).
+  (the dataset or `num_classes` is wrong: skipping would hide it). An image no
+  decoder reads is skipped (one bad JPEG in 1.28M must not end a run): the
+  next readable record takes its place, and the example records `skipped` and
+  a note naming the unreadable record. (`load` is the single-record step.)
   """
 
   def __init__(self, source, preprocess: Callable, num_classes: int, multi_label: bool):
@@ -75,14 +88,27 @@ class _LoadExample:
     self.num_classes, self.multi_label = num_classes, multi_label
 
   def __call__(self, index: int, rng: Optional[np.random.Generator] = None) -> Dict[str, Any]:
-    index = int(index)
-    raw = self.source[index]
-    label = self._label(raw["label"], index)
+    notes = []
+    for attempt in range(_MAX_UNREADABLE_IN_A_ROW + 1):
+      position = (int(index) + attempt) % len(self.source)
+      example, note = self.load(position, rng)
+      if example is not None:
+        return dict(example, skipped=np.int32(len(notes)), skip_notes=notes)
+      notes.append(note)
+    raise DataError(f"{len(notes)} records in a row from {self._where(int(index))} are "
+                    f"unreadable images (the last: {notes[-1]}); the data is broken: check "
+                    "or rebuild it.")
+
+  def load(self, position: int, rng) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(example, "") or, for an unreadable image, (None, a note naming the record)."""
+    raw = self.source[position]
+    label = self._label(raw["label"], position)
+    example_id = raw.get("id", position)
     try:
-      example = self.preprocess(raw, rng)
+      image = self.preprocess(raw, rng)["image"]
     except CorruptImageError as e:
-      return {_SKIPPED: f"{self._where(index)}: {e}", "id": raw.get("id", index)}
-    return {"image": example["image"], "label": label, "id": raw.get("id", index)}
+      return None, f"{self._where(position)} (id {example_id}): {e}"
+    return {"image": image, "label": label, "id": example_id}, ""
 
   def _where(self, index: int) -> str:
     describe = getattr(self.source, "describe", None)
@@ -110,20 +136,13 @@ class _LoadExample:
     return target
 
 
-class _DropSkipped:
-  """Main-process filter: drops skip markers, counts and logs them."""
-
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, example: Dict[str, Any]) -> bool:
-    if _SKIPPED not in example:
-      return True
-    self.count += 1
-    if self.count <= _LOG_FIRST_SKIPS or self.count % 100 == 0:
-      logging.warning("Skipped unreadable image #%d (id %s): %s", self.count,
-                      example["id"], example[_SKIPPED])
-    return False
+def _stack(examples) -> Dict[str, Any]:
+  """grain batch_fn: stacks the arrays; the skip notes become one flat str array."""
+  notes = [note for example in examples for note in example["skip_notes"]]
+  batch = {key: np.stack([example[key] for example in examples])
+           for key in examples[0] if key != "skip_notes"}
+  batch["skip_notes"] = np.asarray(notes, dtype=str)
+  return batch
 
 
 class _BatchOps:
@@ -137,29 +156,33 @@ class _BatchOps:
 
 
 class HostIterator:
-  """Host-local batches whose position can be saved and restored exactly."""
+  """Host-local batches whose position can be saved and restored exactly.
 
-  def __init__(self, dataset: grain.IterDataset, skips: _DropSkipped):
+  Logs the records whose images were skipped and counts them; the count is part
+  of the state, so it survives a resume.
+  """
+
+  def __init__(self, dataset: grain.IterDataset):
     self._iterator = iter(dataset)
-    self._skips = skips
+    self.skipped = 0  # Unreadable images skipped so far, over the whole run.
 
   def __iter__(self) -> "HostIterator":
     return self
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    return next(self._iterator)
-
-  @property
-  def skipped(self) -> int:
-    """Unreadable images dropped so far (over the whole run, restored with the state)."""
-    return self._skips.count
+    batch = next(self._iterator)
+    for note in batch.pop("skip_notes"):
+      self.skipped += 1
+      if self.skipped <= _LOG_FIRST_SKIPS or self.skipped % 100 == 0:
+        logging.warning("Skipped unreadable image #%d: %s", self.skipped, note)
+    return batch
 
   def get_state(self) -> Dict[str, Any]:
-    return {"grain": self._iterator.get_state(), "skipped": self._skips.count}
+    return {"grain": self._iterator.get_state(), "skipped": self.skipped}
 
   def set_state(self, state: Dict[str, Any]) -> None:
     self._iterator.set_state(state["grain"])
-    self._skips.count = int(state.get("skipped", 0))
+    self.skipped = int(state.get("skipped", 0))
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)
@@ -184,13 +207,10 @@ def train_iterator(source, preprocess: Callable, *, global_batch: int, seed: int
                       f"than its batch of {local}; lower --config.input.batch_size.")
   ds = (indices.shuffle(seed=seed).repeat()
         .random_map(_LoadExample(source, preprocess, num_classes, multi_label), seed=seed)
-        .to_iter_dataset())
-  ds = _worker_processes(ds, workers)
-  skips = _DropSkipped()
-  ds = ds.filter(skips).batch(local, drop_remainder=True)
+        .batch(local, drop_remainder=True, batch_fn=_stack))
   if getattr(preprocess, "batch_ops", None):
     ds = ds.random_map(_BatchOps(preprocess), seed=seed + 1)
-  return HostIterator(ds, skips)
+  return HostIterator(_parallel(ds, workers))
 
 
 def eval_iterator(source, preprocess: Callable, *, global_batch: int, num_classes: int,
@@ -207,7 +227,7 @@ def eval_iterator(source, preprocess: Callable, *, global_batch: int, num_classe
   padded = num_eval_batches(len(source), global_batch, shard_count) * local
   ds = grain.MapDataset.range(padded).map(
       _LoadEvalExample(source, preprocess, num_classes, multi_label, shard_indices))
-  return iter(_worker_processes(ds.to_iter_dataset(), workers).batch(local))
+  return iter(_parallel(ds.batch(local, batch_fn=_stack), workers))
 
 
 class _LoadEvalExample:
@@ -220,19 +240,17 @@ class _LoadEvalExample:
   def __init__(self, source, preprocess, num_classes, multi_label, shard_indices):
     self.load = _LoadExample(source, preprocess, num_classes, multi_label)
     self.shard_indices = shard_indices
-    self._blank = None
 
   def __call__(self, position: int) -> Dict[str, Any]:
     real = position < len(self.shard_indices)
-    example = self.load(self.shard_indices[min(position, len(self.shard_indices) - 1)])
-    skipped = _SKIPPED in example
-    if skipped:
+    index = self.shard_indices[min(position, len(self.shard_indices) - 1)]
+    example, note = self.load.load(int(index), None)
+    if example is None:
       example = {"image": self._blank_image(), "label": self._blank_label(),
-                 "id": example["id"]}
-    elif self._blank is None:
-      self._blank = example  # Label shape for later blanks.
-    return dict(example, mask=np.int32(real and not skipped),
-                skipped=np.int32(real and skipped))
+                 "id": self.load.source[int(index)].get("id", int(index))}
+    skipped = real and bool(note)
+    return dict(example, mask=np.int32(real and not note), skipped=np.int32(skipped),
+                skip_notes=[note] if skipped else [])
 
   def _blank_image(self) -> np.ndarray:
     black = {"image": np.zeros((2, 2, 3), np.uint8), "label": 0, "id": -1}

@@ -1,8 +1,9 @@
 """Input-pipeline throughput per CPU core: our train/eval specs against naive pillow.
 
   python -m mrl_jax.tools.benchmark_input [--num_images=200] [--passes=5] [--image_dir=DIR]
+      [--workers=16]
 
-Runs in one process, so every figure is images/s for one core. Every
+The per-core figures run in one process, so each is images/s for one core. Every
 candidate sees the same JPEG bytes (held in memory, so disk speed is not
 measured) in the same order with the same random crops and flips; candidates
 take turns within each pass, so a noisy neighbour on a shared machine slows
@@ -13,6 +14,11 @@ blobs, texture and sensor-like noise, quality 90 (~80–100 KB each).
 The naive baseline is what a plain torchvision/PIL loader does:
 Image.open → convert("RGB") → crop → resize(224, BILINEAR) → flip for
 training, and resize(shorter side 256) → centre crop 224 for eval.
+
+With --workers=N it also runs the real grain pipelines (`pipeline.train_iterator`
+/ `eval_iterator`: N worker processes, per-example prefetch, batching and
+shuffling in the main process) on the same images held in memory, and reports
+their images/s: what N cores of a host deliver to the accelerator.
 """
 
 import glob
@@ -41,6 +47,10 @@ flags.DEFINE_integer("quality", 90, "JPEG quality of the generated images (90: ~
                      "80: ~55 KB at the mean 450×350).")
 flags.DEFINE_string("image_dir", "", "Read real JPEGs (recursively) from here instead.")
 flags.DEFINE_string("json_out", "", "Also write the JSON result to this file.")
+flags.DEFINE_integer("workers", 0, "Also measure the grain pipelines with this many worker "
+                     "processes (0: skip).")
+flags.DEFINE_integer("pipeline_batches", 40, "Batches of 256 per pipeline run (at least "
+                     "20 per worker); the second half is timed.")
 
 TRAIN_SPEC = "decode|inception_crop(224)|flip_lr"
 EVAL_SPEC = "decode|resize_small(256)|central_crop(224)"
@@ -139,6 +149,51 @@ def measure(images: List[bytes], passes: int, seed: int = 0) -> Dict[str, float]
   return {name: round(statistics.median(r), 1) for name, r in rates.items()}
 
 
+class InMemorySource:
+  """`length` examples cycling over the JPEG bytes: a source for the pipeline runs."""
+
+  def __init__(self, images: List[bytes], length: int):
+    self.images, self.length = images, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int):
+    return {"image": self.images[index % len(self.images)], "label": 0, "id": index}
+
+
+def pipeline_rates(images: List[bytes], workers: int, batches: int, batch: int = 256
+                   ) -> Dict[str, float]:
+  """Images/s of the grain train and eval pipelines with `workers` processes.
+
+  Workers start before the first batch is read and fill read-ahead buffers, so
+  the first batches arrive at once; the rate is taken over the second half of
+  a run of at least 20 batches per worker, when those are long consumed.
+  """
+  from mrl_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  batches = max(batches, 20 * max(workers, 1))
+  rates = {}
+  for name, spec in (("train", TRAIN_SPEC), ("eval", EVAL_SPEC)):
+    source = InMemorySource(images, batch * batches)
+    pp = preprocess.parse(spec, num_classes=1)
+    if name == "train":
+      iterator = pipeline.train_iterator(source, pp, global_batch=batch, seed=0,
+                                         num_classes=1, workers=workers, shard=(0, 1))
+    else:
+      iterator = pipeline.eval_iterator(source, pp, global_batch=batch, num_classes=1,
+                                        workers=workers, shard=(0, 1))
+    times = []
+    for _ in range(batches):
+      next(iterator)
+      times.append(time.perf_counter())
+    half = batches // 2
+    rates[name] = round((batches - 1 - half) * batch / (times[-1] - times[half]), 1)
+    close = getattr(iterator, "close", None)
+    if close:
+      close()
+  return rates
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -175,6 +230,10 @@ def main(argv):
   except FileNotFoundError as e:
     sys.exit(f"error: {e}")
   result = benchmark(images, FLAGS.passes)
+  if FLAGS.workers > 0:
+    result["pipeline_img_per_sec"] = pipeline_rates(images, FLAGS.workers,
+                                                    FLAGS.pipeline_batches)
+    result["pipeline_workers"] = FLAGS.workers
   print(f"{result['num_images']} JPEGs, mean {result['mean_kb']} KB, mean "
         f"{result['mean_hw'][1]}×{result['mean_hw'][0]}; {result['cpu']} "
         f"({result['cores']} cores visible, 1 used); median of {FLAGS.passes} passes")
@@ -183,6 +242,10 @@ def main(argv):
     print(f"{name:20s} {rate:10.1f}")
   print(f"speedup vs pillow: train {result['speedup_vs_pillow']['train']}×, "
         f"eval {result['speedup_vs_pillow']['eval']}×")
+  if FLAGS.workers > 0:
+    rates = result["pipeline_img_per_sec"]
+    print(f"grain pipelines with {FLAGS.workers} worker processes: train {rates['train']} "
+          f"img/s, eval {rates['eval']} img/s")
   line = json.dumps(result)
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w", encoding="utf-8") as f:
