@@ -29,11 +29,15 @@ from mrl_jax import checkpointing, experiment, sharding
 from mrl_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/vit_b16_i1k.py",
-                                "Experiment config (path[:variant]) whose state is saved.")
-flags.DEFINE_integer("repeats", 3, "Saves of each kind (the median is reported).")
-flags.DEFINE_string("workdir", None, "Where to write (default: a temporary directory, "
-                    "removed afterwards). Put it on the disk your runs use.")
+
+
+def _define_flags() -> None:
+  # Only when run as a program: importing `benchmark` (tests) defines no flags.
+  config_flags.DEFINE_config_file("config", "configs/vit_b16_i1k.py",
+                                  "Experiment config (path[:variant]) whose state is saved.")
+  flags.DEFINE_integer("repeats", 3, "Saves of each kind (the median is reported).")
+  flags.DEFINE_string("workdir", None, "Where to write (default: a temporary directory, "
+                      "removed afterwards). Put it on the disk your runs use.")
 
 
 def _time_save(ckpt, step: int, state) -> tuple:
@@ -89,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

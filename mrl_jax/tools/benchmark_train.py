@@ -23,10 +23,14 @@ from mrl_jax import config_checks, experiment, sharding
 from mrl_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config (path[:variant]).")
-flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up).")
-flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
-flags.mark_flags_as_required(["config"])
+
+
+def _define_flags() -> None:
+  # Only when run as a program: importing `benchmark` (tests) defines no flags.
+  config_flags.DEFINE_config_file("config", None, "Experiment config (path[:variant]).")
+  flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up).")
+  flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+  flags.mark_flags_as_required(["config"])
 
 
 def benchmark(config, num_steps: int, warmup: int) -> dict:
@@ -76,4 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
