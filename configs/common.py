@@ -106,6 +106,19 @@ def get_base_config():
   return c
 
 
+def add_evals(c, kinds, **options):
+  """config.evals entries named by their evaluator type (run at the end of training
+  and by `python -m mrl_jax.evaluate`). Frozen-feature evaluators follow
+  `mrl.nesting` (a reference), so an FF-k run is still evaluated at every dim."""
+  frozen = ("linear_probe", "knn", "retrieval", "few_shot", "adaptive_retrieval")
+  for kind in kinds:
+    entry = ml_collections.ConfigDict({"type": kind, "every_steps": 0, **options})
+    if kind in frozen:
+      entry.dims = c.mrl.get_ref("nesting")
+    c.evals[kind] = entry
+  return c
+
+
 def runlocal(c, *, image_size=32, batch_size=16, total_steps=4):
   """Shrinks any experiment to seconds on a CPU, keeping its structure."""
   c.input.image_size = image_size
@@ -118,6 +131,9 @@ def runlocal(c, *, image_size=32, batch_size=16, total_steps=4):
   c.log_every = 1
   c.eval_every = 0
   c.eval_max_batches = 2
+  # The heads' own evaluator only; the full suite is tested on the demo model.
+  c.evals = ml_collections.ConfigDict(
+      {k: v for k, v in c.evals.items() if v.type == "classification"})
   return c
 
 

@@ -32,6 +32,14 @@ def get_config(arg=None):
 
   c.log_every = 20
   c.eval_every = 100
+  # The paper's evaluation suite at every dim, after training; plus the baselines:
+  # the same kNN on SVD features and on randomly chosen coordinates.
+  common.add_evals(c, ("classification", "linear_probe", "knn", "retrieval", "few_shot",
+                       "adaptive_classification", "adaptive_retrieval"))
+  for method in ("svd", "random"):
+    c.evals[f"knn_{method}"] = c.evals.knn.copy_and_resolve_references()
+    c.evals[f"knn_{method}"].features = method
+    c.evals[f"knn_{method}"].dims = c.mrl.get_ref("nesting")
   if "synthetic" in variants:
     c.input.source = "synthetic"
     c.input.synthetic_sizes.train, c.input.synthetic_sizes.val = 1_440, 360

@@ -41,6 +41,8 @@ def get_config(arg=None):
 
   c.log_every = 100
   c.eval_every = 5 * IMAGENET_TRAIN // 1024
+  common.add_evals(c, ("classification", "knn", "retrieval", "adaptive_classification",
+                       "adaptive_retrieval"))
   if "synthetic" in variants:
     c.input.source = "synthetic"
     c.input.workers = 0

@@ -41,6 +41,7 @@ def get_config(arg=None):
 
   c.log_every = 100
   c.eval_every = 10_000
+  common.add_evals(c, ("classification", "knn"))
   if "synthetic" in variants:
     c.input.source = "synthetic"
     c.input.workers = 0

@@ -6,6 +6,7 @@ TensorBoard event files (tensorboardX, no TensorFlow) sit beside it.
 
 import json
 import os
+import re
 from typing import Dict
 
 import jax
@@ -31,7 +32,9 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self._jsonl.flush()
     for name, value in scalars.items():
-      self._tb.add_scalar(name, value, int(step))
+      # TensorBoard tags allow [\w./-] only; e.g. "mAP@10" → "mAP_at_10".
+      tag = re.sub(r"[^\w./-]", "_", name.replace("@", "_at_"))
+      self._tb.add_scalar(tag, value, int(step))
 
   def close(self) -> None:
     if self.active:
