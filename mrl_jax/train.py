@@ -1,4 +1,7 @@
-"""The training loop: build → step → log / evaluate → report. Side effects live here only."""
+"""The training loop: build → restore → step → log / evaluate / save → report.
+
+Side effects (I/O, logging, checkpoints) live here and in the modules it calls.
+"""
 
 import time
 from typing import Any, Dict, Optional
@@ -7,9 +10,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from mrl_jax import checkpointing, config_checks, data, evaluate, experiment, fault_tolerance
-from mrl_jax import report
-from mrl_jax import sharding
+from mrl_jax import (checkpointing, config_checks, data, evaluate, experiment, fault_tolerance,
+                     report, sharding)
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
 

@@ -25,6 +25,7 @@ with `mask` = 0 on the padding (and on skipped images), so each readable
 example is counted exactly once.
 """
 
+import copy
 import math
 import os
 import queue
@@ -295,7 +296,8 @@ class DevicePrefetcher:
   def _produce(self):
     try:
       for batch in self._host:
-        item = (to_global(batch, self._sharding), self._host.get_state())
+        # A copy: the state must not change as the iterator reads further ahead.
+        item = (to_global(batch, self._sharding), copy.deepcopy(self._host.get_state()))
         while not self._stop.is_set():
           try:
             self._queue.put(item, timeout=0.1)
