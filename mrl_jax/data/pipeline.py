@@ -29,6 +29,7 @@ import copy
 import math
 import os
 import queue
+import signal
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -67,7 +68,17 @@ def _parallel(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
     # nothing has parsed them yet, and the defaults are what we want.
     flags.FLAGS.mark_as_parsed()
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """In a grain worker: SIGTERM/SIGINT sent to the whole process group (a scheduler,
+  Ctrl-C) are the main process's to handle (it saves a checkpoint, then stops the
+  workers); a worker dying first would only delay that save."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _shard(shard: Optional[Tuple[int, int]]) -> Tuple[int, int]:
