@@ -147,3 +147,27 @@ def test_bad_config_raises(kwargs, match):
 def test_wrong_input_size_raises():
   with pytest.raises(ValueError, match="image_size"):
     _tiny()(jnp.zeros((1, 64, 64, 3)), train=False)
+
+
+def _np_attention(attn, x):
+  """Multi-head softmax attention written out in numpy from the module's weights."""
+  p = lambda layer: (np.asarray(layer.kernel[...]), np.asarray(layer.bias[...]))
+  (wq, bq), (wk, bk), (wv, bv), (wo, bo) = map(p, (attn.query, attn.key, attn.value,
+                                                   attn.out))
+  heads = attn.heads
+  split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
+  q, k, v = split(x @ wq + bq), split(x @ wk + bk), split(x @ wv + bv)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  y = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
+  return y @ wo + bo
+
+
+def test_attention_matches_numpy():
+  from mrl_jax.models.vit import Attention  # pylint: disable=import-outside-toplevel
+  attn = Attention(32, 4, attention_dropout=0.0, dropout=0.0, dtype=jnp.float32,
+                   param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 7, 32)))
+  want = _np_attention(attn, x.astype(np.float64))
+  np.testing.assert_allclose(attn(jnp.asarray(x), train=False), want, rtol=1e-4, atol=1e-5)
