@@ -39,7 +39,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mrl_jax import checkpointing, data, mrl, optim, sharding, steps
+from mrl_jax import checkpointing, data, experiment, optim, sharding, steps
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
 
@@ -85,9 +85,7 @@ def load_run(config: Any, workdir: str, step: Optional[int] = None,
 
 def abstract_model_state(config: Any) -> Tuple[nnx.GraphDef, Any, Tuple[int, ...]]:
   """(graphdef, abstract train state, head dims) as training builds them, unallocated."""
-  def build_model():
-    return mrl.build_classifier(
-        config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+  build_model = experiment.model_factory(config)
   model = nnx.eval_shape(build_model)
   tx, _ = optim.make_optimizer(config.optim, 0, steps.split_model(model)[1])
   graphdef, abstract = steps.abstract_train_state(build_model, tx)

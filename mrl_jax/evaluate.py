@@ -44,12 +44,12 @@ class TrainingEvaluations:
   """The training loop's hook: each evaluator every its `every_steps` (0: never during
   training), all of them at the final step. A no-op when `config.evals` is empty."""
 
-  def __init__(self, config: Any, workdir: str, mesh, state_shardings, dims: Sequence[int],
-               writer: MetricWriter):
+  def __init__(self, config: Any, workdir: str, mesh, graphdef, state_shardings,
+               dims: Sequence[int], writer: MetricWriter):
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.state_shardings, self.dims, self.writer = state_shardings, tuple(dims), writer
     self.evals = evaluators.build_evaluators(config, dims=dims)
-    self._graphdef = embed.abstract_model_state(config)[0] if self.evals else None
+    self._graphdef = graphdef
     self._compiled = {}  # The rounds' jitted forwards, compiled once per run.
 
   def __call__(self, step: int, state: Any, *, final: bool = False) -> None:

@@ -17,6 +17,7 @@ from mrl_jax import data, mrl, optim, sharding, steps
 
 @dataclasses.dataclass
 class Experiment:
+  graphdef: nnx.GraphDef      # the model's structure; nnx.merge(graphdef, params, ...)
   state: steps.TrainState
   train_step: Callable
   eval_step: Callable
@@ -32,13 +33,18 @@ def loss_kwargs(config: Any) -> dict:
               weights=tuple(config.mrl.weights) or None)
 
 
-def build_experiment(config: Any, mesh: Mesh, total_steps: int) -> Experiment:
-  """Builds the model abstractly (validating it), then the sharded state and steps."""
+def model_factory(config: Any) -> Callable[[], nnx.Module]:
+  """The classifier of `config`, seeded as every run builds it (training, evaluation)."""
 
   def build_model():
     return mrl.build_classifier(
         config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+  return build_model
 
+
+def build_experiment(config: Any, mesh: Mesh, total_steps: int) -> Experiment:
+  """Builds the model abstractly (validating it), then the sharded state and steps."""
+  build_model = model_factory(config)
   abstract_model = nnx.eval_shape(build_model)  # Validates nesting etc. without allocating.
   abstract_params = steps.split_model(abstract_model)[1]
   tx, schedule = optim.make_optimizer(config.optim, total_steps, abstract_params)
@@ -49,6 +55,7 @@ def build_experiment(config: Any, mesh: Mesh, total_steps: int) -> Experiment:
   # The specs' normalize(...) runs inside the steps: batches travel as uint8.
   norm = data.normalization(config.input, num_classes=config.num_classes)
   return Experiment(
+      graphdef=graphdef,
       state=steps.init_train_state(build_model, tx, state_shardings),
       train_step=steps.make_train_step(graphdef, tx, schedule, state_shardings, batch_sharding,
                                        loss_kwargs=kwargs, microbatches=config.microbatches,

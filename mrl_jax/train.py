@@ -37,7 +37,8 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                config.input.batch_size)
   logging.info("Sharded parameters:\n%s", exp.sharding_summary)
   writer = MetricWriter(workdir)
-  evals = evaluate.TrainingEvaluations(config, workdir, mesh, exp.state_shardings, dims, writer)
+  evals = evaluate.TrainingEvaluations(config, workdir, mesh, exp.graphdef, exp.state_shardings,
+                                       dims, writer)
   ckpt = checkpointing.Checkpointer(workdir, config, dims, mesh)
   host_batches = pipeline.train_iterator(
       train_source, data.build_preprocess(config.input, "train",
