@@ -77,7 +77,7 @@ def test_blocked_top_k_matches_numpy(block_size, k):
   rng = np.random.default_rng(block_size * 100 + k)
   queries = rng.normal(size=(6, 8)).astype(np.float32)
   database = rng.normal(size=(37, 8)).astype(np.float32)
-  scores, idx = search.blocked_top_k(queries, database, k, block_size)
+  scores, idx = search.top_k(queries, database, k, block_size=block_size)
   want_scores, want_idx = _numpy_top_k(queries, database, k)
   np.testing.assert_array_equal(np.asarray(idx), want_idx)
   np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=1e-5, atol=1e-5)
@@ -91,7 +91,7 @@ def test_blocked_top_k_ties_prefer_lower_index(block_size):
   database = np.concatenate([base, base, base[::-1], base])  # every row duplicated
   queries = rng.integers(-2, 3, size=(5, 4)).astype(np.float32)
   for k in (3, 17, 40):
-    scores, idx = search.blocked_top_k(queries, database, k, block_size)
+    scores, idx = search.top_k(queries, database, k, block_size=block_size)
     want_scores, want_idx = _numpy_top_k(queries, database, k)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     np.testing.assert_array_equal(np.asarray(scores), want_scores)
@@ -99,7 +99,7 @@ def test_blocked_top_k_ties_prefer_lower_index(block_size):
 
 def test_blocked_top_k_validates():
   with pytest.raises(ValueError, match="lower k"):
-    search.blocked_top_k(np.ones((2, 3)), np.ones((4, 3)), 5, 2)
+    search.top_k(np.ones((2, 3)), np.ones((4, 3)), 5, block_size=2)
 
 
 @pytest.mark.parametrize("mesh_shape", [{"data": 8, "fsdp": 1, "model": 1},
@@ -110,13 +110,13 @@ def test_sharded_top_k_matches_numpy(mesh_shape):
   base = rng.integers(-2, 3, size=(20, 4)).astype(np.float32)
   database = np.concatenate([base, base[:9]])  # ties across blocks
   queries = rng.integers(-2, 3, size=(16, 4)).astype(np.float32)
-  scores, idx = search.sharded_top_k(queries, database, 10, 6, mesh)
+  scores, idx = search.top_k(queries, database, 10, block_size=6, mesh=mesh)
   assert idx.sharding.spec == sharding.batch_sharding(mesh).spec
   want_scores, want_idx = _numpy_top_k(queries, database, 10)
   np.testing.assert_array_equal(np.asarray(idx), want_idx)
   np.testing.assert_array_equal(np.asarray(scores), want_scores)
   # A query count not divisible by 8 is padded internally and trimmed.
-  scores, idx = search.sharded_top_k(queries[:13], database, 10, 6, mesh)
+  scores, idx = search.top_k(queries[:13], database, 10, block_size=6, mesh=mesh)
   np.testing.assert_array_equal(np.asarray(idx), want_idx[:13])
 
 
@@ -134,7 +134,7 @@ def test_search_at_dim_slices_before_normalising():
   database[:, 4:] *= rng.uniform(0.1, 10, size=(30, 1))
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   want_scores, want_idx = _numpy_top_k(unit(queries[:, :4]), unit(database[:, :4]), 5)
-  scores, idx = search.search_at_dim(queries, database, 4, 5, 8)
+  scores, idx = search.top_k(queries, database, 5, dim=4, cosine=True, block_size=8)
   np.testing.assert_array_equal(np.asarray(idx), want_idx)
   np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=1e-5, atol=1e-5)
   wrong_scores, _ = _numpy_top_k(unit(queries)[:, :4], unit(database)[:, :4], 5)

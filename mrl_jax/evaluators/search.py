@@ -201,30 +201,3 @@ def top_k(queries, database, k: int, *, dim: Optional[int] = None, cosine: bool 
   inv = _jit_inverse_norms(database, dim) if cosine else None
   fn = _jitted(k, block_size, dim, cosine)
   return stream_queries(lambda q: fn(q, database, inv), queries, query_batch, mesh)
-
-
-def blocked_top_k(queries, database, k: int, block_size: int) -> Tuple[jax.Array, jax.Array]:
-  """Top-k database rows by inner product: (scores [Q, k], indices [Q, k])."""
-  return top_k(queries, database, k, block_size=block_size, query_batch=queries.shape[0])
-
-
-def sharded_top_k(queries, database, k: int, block_size: int,
-                  mesh: Mesh) -> Tuple[jax.Array, jax.Array]:
-  """`blocked_top_k` with queries split over ('data', 'fsdp') and the database replicated.
-
-  Queries are zero-padded to a multiple of the data-parallel size, and the
-  padding dropped from the result, so any query count works.
-  """
-  return top_k(queries, database, k, block_size=block_size, query_batch=queries.shape[0],
-               mesh=mesh)
-
-
-def search_at_dim(queries, database, m: int, k: int,
-                  block_size: int) -> Tuple[jax.Array, jax.Array]:
-  """Cosine top-k at nesting dim m: slice to the first m dims, then L2-normalise.
-
-  The order matters: normalising the full vector first would not give the
-  prefix unit norm, so scores at m would not be cosines.
-  """
-  return top_k(queries, database, k, dim=m, cosine=True, block_size=block_size,
-               query_batch=queries.shape[0])
