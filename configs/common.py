@@ -29,7 +29,10 @@ def get_base_config():
 
   c.model = ml_collections.ConfigDict(dict(
       name="resnet", variant="50", dtype="float32", param_dtype="float32", remat=False,
-      options=ml_collections.ConfigDict()))
+      # Backbone keyword options, e.g. ResNet stem="cifar", width=32,
+      # representation="preact" (README "Where z is taken").
+      options=ml_collections.ConfigDict(),
+      neck_dim=0))            # > 0: z = a linear projection of the features to this width
 
   c.mrl = ml_collections.ConfigDict(dict(
       mode="mrl",             # mrl | mrl_e | ff | none
@@ -41,7 +44,7 @@ def get_base_config():
       head_bias_init=0.0))
 
   c.input = ml_collections.ConfigDict(dict(
-      source="synthetic",     # synthetic | digits | tfds | arrayrecord | folder
+      source="synthetic",     # synthetic | digits | idx | tfds | arrayrecord | folder
       image_size=224,
       batch_size=256,         # global, over all processes
       eval_batch_size=256,
@@ -54,6 +57,8 @@ def get_base_config():
       workers=0,              # grain worker processes per host (0: in-process)
       multi_label=False,
       synthetic_sizes=ml_collections.ConfigDict(dict(train=10_000, val=1_000)),
+      synthetic_seed=0,
+      train_examples=0,       # > 0: train on a fixed random subset of this many examples
       data_dir="",
       tfds_name="",
       image_key="image",      # TFDS feature names (JFT-style data may differ);
@@ -116,6 +121,18 @@ def add_evals(c, kinds, **options):
     if kind in frozen:
       entry.dims = c.mrl.get_ref("nesting")
     c.evals[kind] = entry
+  return c
+
+
+def add_baseline_evals(c, kinds, methods=("svd", "random")):
+  """`<kind>_<method>` copies of existing evaluators on the SVD / random-coordinate
+  features of the same embeddings (mrl_jax/evaluators/baselines.py)."""
+  for kind in kinds:
+    for method in methods:
+      entry = c.evals[kind].copy_and_resolve_references()
+      entry.features = method
+      entry.dims = c.mrl.get_ref("nesting")
+      c.evals[f"{kind}_{method}"] = entry
   return c
 
 

@@ -36,10 +36,7 @@ def get_config(arg=None):
   # the same kNN on SVD features and on randomly chosen coordinates.
   common.add_evals(c, ("classification", "linear_probe", "knn", "retrieval", "few_shot",
                        "adaptive_classification", "adaptive_retrieval"))
-  for method in ("svd", "random"):
-    c.evals[f"knn_{method}"] = c.evals.knn.copy_and_resolve_references()
-    c.evals[f"knn_{method}"].features = method
-    c.evals[f"knn_{method}"].dims = c.mrl.get_ref("nesting")
+  common.add_baseline_evals(c, ("knn",))
   if "synthetic" in variants:
     c.input.source = "synthetic"
     c.input.synthetic_sizes.train, c.input.synthetic_sizes.val = 1_440, 360

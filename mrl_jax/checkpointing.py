@@ -27,13 +27,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mrl_jax import sharding
-from mrl_jax.errors import ConfigError
+from mrl_jax.errors import ConfigError, UserError
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _BEST_METRIC = re.compile(r"^val/(top1|top5|loss)_d(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint cannot be written (unwritable directory, full disk); the previous
   checkpoints are intact, and the message says where and what to do."""
 

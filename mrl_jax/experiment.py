@@ -8,11 +8,12 @@ import dataclasses
 from typing import Any, Callable, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mrl_jax import data, mrl, optim, sharding, steps
+from mrl_jax import data, models, mrl, optim, sharding, steps
 
 
 @dataclasses.dataclass
@@ -33,12 +34,39 @@ def loss_kwargs(config: Any) -> dict:
               weights=tuple(config.mrl.weights) or None)
 
 
+def build_classifier(config: Any, *, rngs: nnx.Rngs) -> mrl.MRLClassifier:
+  """Backbone (from the model registry), optional neck and head, as `config.model` and
+  `config.mrl` say. Every backbone takes `image_size` (`config.input.image_size`), so
+  one override changes the data and the model consistently."""
+  model_cfg = config.model
+  dtype, param_dtype = jnp.dtype(model_cfg.dtype), jnp.dtype(model_cfg.param_dtype)
+  backbone = models.build_backbone(
+      model_cfg.name, model_cfg.variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+      remat=model_cfg.remat, image_size=config.input.image_size,
+      **dict(model_cfg.options))
+  embed_dim, neck = backbone.embed_dim, None
+  if model_cfg.neck_dim:
+    embed_dim = int(model_cfg.neck_dim)
+    neck = nnx.Linear(backbone.embed_dim, embed_dim, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+  nesting = resolve_nesting(config, embed_dim)
+  head = mrl.MatryoshkaHead(config.mrl.mode, nesting, embed_dim, config.num_classes,
+                            ff_dim=config.mrl.ff_dim, bias_init=config.mrl.head_bias_init,
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+  return mrl.MRLClassifier(backbone, head, neck)
+
+
+def resolve_nesting(config: Any, embed_dim: int) -> Tuple[int, ...]:
+  """The configured nesting list, or the paper's default for this width."""
+  nesting = config.mrl.nesting
+  return mrl.validate_nesting(nesting if nesting else mrl.default_nesting(embed_dim), embed_dim)
+
+
 def model_factory(config: Any) -> Callable[[], nnx.Module]:
   """The classifier of `config`, seeded as every run builds it (training, evaluation)."""
 
   def build_model():
-    return mrl.build_classifier(
-        config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    return build_classifier(config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
   return build_model
 
 

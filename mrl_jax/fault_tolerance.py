@@ -21,12 +21,14 @@ from typing import Callable, Optional
 import jax
 from absl import logging
 
+from mrl_jax.errors import UserError
+
 
 class Preempted(Exception):
   """Raised after the checkpoint of the preempted step is on disk; exit status 0."""
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(UserError, FloatingPointError):
   """Too many non-finite steps in a row; the message names the fix."""
 
 

@@ -6,7 +6,6 @@ environment; elsewhere pass --coordinator_address/--num_processes/--process_id
 (all processes run the same command).
 """
 
-import json
 import os
 import sys
 
@@ -14,9 +13,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrl_jax import checkpointing, train
-from mrl_jax.errors import ConfigError, DataError
-from mrl_jax.fault_tolerance import Preempted, TrainingDiverged
+from mrl_jax import errors, train
+from mrl_jax.fault_tolerance import Preempted
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
@@ -32,8 +30,7 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors the user fixes: printed as one line, no traceback (also by the evaluate/embed CLIs).
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, checkpointing.CheckpointError,
-               TrainingDiverged)
+USER_ERRORS = errors.USER_ERRORS
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -66,11 +63,7 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
-    checkpointing.check_writable(workdir)
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    results = train.train_and_evaluate(config, workdir)
+    train.run(config, workdir)
   except Preempted as e:  # Saved; the scheduler may restart the same command.
     logging.warning("%s", e)
     sys.exit(0)
@@ -78,9 +71,6 @@ def main(argv):
     # The user's to fix: one clear message, no traceback.
     logging.error("%s", e)
     sys.exit(f"error: {e}")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

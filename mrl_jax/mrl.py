@@ -11,8 +11,7 @@ loss and the metrics are one vectorised computation whatever the mode:
   none   a plain classifier on all d dims.
 """
 
-import inspect
-from typing import Any, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -118,14 +117,23 @@ def tied_nested_logits(z: jax.Array, kernel: jax.Array, bias: jax.Array,
 
 
 class MRLClassifier(nnx.Module):
-  """Backbone + Matryoshka head: images → (representation [B, d], logits [M, B, L])."""
+  """Backbone (+ neck) + Matryoshka head: images → (representation z [B, d], logits [M, B, L]).
 
-  def __init__(self, backbone: nnx.Module, head: MatryoshkaHead):
+  The optional neck is a linear projection of the backbone's features to width
+  d; z is its output, so z is signed whatever the backbone ends with (a pooled
+  ReLU output is ≥ 0, and a short prefix of it can be all zero).
+  """
+
+  def __init__(self, backbone: nnx.Module, head: MatryoshkaHead,
+               neck: Optional[nnx.Linear] = None):
     self.backbone = backbone
+    self.neck = neck
     self.head = head
 
   def __call__(self, images: jax.Array, *, train: bool) -> Tuple[jax.Array, jax.Array]:
     z = self.backbone(images, train=train)
+    if self.neck is not None:
+      z = self.neck(z).astype(jnp.float32)
     return z, self.head(z)
 
 
@@ -188,31 +196,3 @@ def top1_per_dim(logits: jax.Array, labels: jax.Array) -> jax.Array:
     picked = jnp.take_along_axis(targets[None], pred[..., None], axis=-1)[..., 0]
     hit = (picked > 0) & (picked >= targets.max(axis=-1)[None])
   return hit.astype(jnp.float32).mean(axis=1)
-
-
-def build_classifier(config: Any, *, rngs: nnx.Rngs) -> MRLClassifier:
-  """Backbone (from the model registry) + head, as `config.model` and `config.mrl` say.
-
-  Backbones that need the input resolution declare an `image_size` argument and
-  get `config.input.image_size`, so one override changes both consistently.
-  """
-  from mrl_jax import models  # Local: models do not depend on the head.
-  model_cfg = config.model
-  options = dict(model_cfg.get("options", {}))
-  backbone_cls = models.backbone_class(model_cfg.name)
-  if "image_size" in inspect.signature(backbone_cls.__init__).parameters:
-    options.setdefault("image_size", config.input.image_size)
-  dtype, param_dtype = jnp.dtype(model_cfg.dtype), jnp.dtype(model_cfg.param_dtype)
-  backbone = backbone_cls(model_cfg.variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                          remat=model_cfg.remat, **options)
-  nesting = resolve_nesting(config, backbone.embed_dim)
-  head = MatryoshkaHead(config.mrl.mode, nesting, backbone.embed_dim, config.num_classes,
-                        ff_dim=config.mrl.get("ff_dim"), bias_init=config.mrl.head_bias_init,
-                        rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-  return MRLClassifier(backbone, head)
-
-
-def resolve_nesting(config: Any, embed_dim: int) -> Tuple[int, ...]:
-  """The configured nesting list, or the paper's default for this width."""
-  nesting = config.mrl.get("nesting")
-  return validate_nesting(nesting if nesting else default_nesting(embed_dim), embed_dim)

@@ -3,6 +3,8 @@
 Side effects (I/O, logging, checkpoints) live here and in the modules it calls.
 """
 
+import json
+import os
 import time
 from typing import Any, Dict, Optional
 
@@ -14,6 +16,23 @@ from mrl_jax import (checkpointing, config_checks, data, evaluate, experiment, f
                      report, sharding)
 from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
+
+
+def run(config: Any, workdir: str) -> Dict[str, Any]:
+  """A whole run as `python -m mrl_jax.main` makes it: `config.json`, training (resumed
+  from the workdir's checkpoint if there is one) with its evaluations, `summary.json`."""
+  checkpointing.check_writable(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  results = train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+SUMMARY_FILE = "summary.json"  # written last: a run with it has finished
 
 
 def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:

@@ -158,3 +158,21 @@ def test_bad_head_mode_and_ff_dim():
     mrl.head_dims("slimmable", (8,), 8)
   with pytest.raises(ValueError, match="ff_dim"):
     mrl.head_dims("ff", (8,), 8, ff_dim=0)
+
+
+def test_neck_makes_z_a_linear_projection_of_the_backbone_features():
+  from configs import fashion_mnist  # pylint: disable=import-outside-toplevel
+  from mrl_jax import experiment  # pylint: disable=import-outside-toplevel
+  config = fashion_mnist.get_config()
+  config.model.options.representation = "relu"
+  config.model.neck_dim = 32
+  config.mrl.nesting = (2, 8, 32)
+  model = experiment.build_classifier(config, rngs=nnx.Rngs(0))
+  assert model.head.dims == (2, 8, 32) and model.neck.kernel.shape == (64, 32)
+  x = jax.random.normal(jax.random.key(1), (3, 28, 28, 3))
+  z, logits = model(x, train=False)
+  features = np.asarray(model.backbone(x, train=False), np.float64)
+  assert (features >= 0).all()  # pooled ReLU outputs ...
+  want = features @ np.asarray(model.neck.kernel[...]) + np.asarray(model.neck.bias[...])
+  np.testing.assert_allclose(np.asarray(z), want, rtol=1e-5, atol=1e-5)
+  assert (np.asarray(z) < 0).any() and logits.shape == (3, 3, 10)  # ... projected, signed

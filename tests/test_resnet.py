@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mrl_jax.errors import ConfigError
 from mrl_jax.models import build_backbone
 from mrl_jax.models.resnet import ResNet
 
@@ -172,3 +173,43 @@ def test_build_backbone_via_registry():
 def test_unknown_variant_lists_known_ones():
   with pytest.raises(ValueError, match=r"'51'.*18, 34, 50, 101, 152"):
     ResNet("51", rngs=nnx.Rngs(0))
+
+
+# CIFAR ResNet18 (3x3/1 stem, no max-pool), as in kuangliu/pytorch-cifar and timm's
+# `resnet18` with a 3x3 stem: torchvision's 11,689,512 minus the 7x7x3x64 stem conv plus
+# a 3x3x3x64 one, minus the 1000-class fc (512·1000 + 1000).
+_CIFAR18_BACKBONE_PARAMS = 11_689_512 - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64 - 513_000
+
+
+def test_cifar_stem_keeps_resolution_and_param_count():
+  model = nnx.eval_shape(lambda: ResNet("18", stem="cifar", rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in _leaves(model, nnx.Param)) == _CIFAR18_BACKBONE_PARAMS
+  model = ResNet("18", stem="cifar", width=8, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 32, 32, 3))
+  h = nnx.relu(model.stem_bn(model.stem_conv(x), use_running_average=True))
+  assert h.shape == (2, 32, 32, 8)  # no stride, no max-pool
+  for stage in model.stages:
+    h = stage(h, train=False)
+  assert h.shape == (2, 4, 4, 64)   # a 4x4 last map at 32 px (ImageNet stem: 1x1)
+  assert model.embed_dim == 64 and model(x, train=False).shape == (2, 64)
+
+
+def test_preact_is_the_last_block_before_its_relu():
+  # With a 1x1 last map (ImageNet stem at 32 px) pooling is the identity, so the
+  # paper's z must equal relu(preact z) exactly, from the same weights.
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  relu = ResNet("18", width=8, rngs=nnx.Rngs(3), zero_init_last_bn=False)
+  pre = ResNet("18", width=8, representation="preact", rngs=nnx.Rngs(3),
+               zero_init_last_bn=False)
+  z_relu, z_pre = relu(x, train=False), pre(x, train=False)
+  np.testing.assert_allclose(np.asarray(z_relu), np.maximum(np.asarray(z_pre), 0), atol=1e-6)
+  assert (np.asarray(z_pre) < 0).mean() > 0.2   # signed ...
+  assert (np.asarray(z_relu) == 0).mean() > 0.2  # ... where the ReLU output is sparse
+
+
+def test_bad_resnet_options_name_the_fix():
+  for kwargs, text in ((dict(stem="tiny"), "model.options.stem"),
+                       (dict(representation="post"), "model.options.representation"),
+                       (dict(width=0), "model.options.width")):
+    with pytest.raises(ConfigError, match=text.replace(".", r"\.")):
+      ResNet("18", rngs=nnx.Rngs(0), **kwargs)

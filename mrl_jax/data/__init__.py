@@ -9,6 +9,8 @@ name from `config.input.source` with their split ("train" / "val").
 
 from typing import Any
 
+import numpy as np
+
 from mrl_jax.errors import ConfigError
 from mrl_jax.registry import Registry
 
@@ -16,9 +18,35 @@ SOURCES = Registry("data source")
 
 
 def build_source(input_config: Any, split: str, *, num_classes: int):
-  """The source `input_config.source` for `split`, checked to exist."""
+  """The source `input_config.source` for `split`, checked to exist; the train split
+  reduced to `input_config.train_examples` examples when that is set."""
   _import_all()
-  return SOURCES.get(input_config.source)(input_config, split, num_classes=num_classes)
+  source = SOURCES.get(input_config.source)(input_config, split, num_classes=num_classes)
+  limit = int(input_config.get("train_examples", 0))
+  if split == "train" and 0 < limit < len(source):
+    source = Subset(source, limit, seed=0)
+  return source
+
+
+class Subset:
+  """A fixed random `size`-example subset of a source (index order kept), for shorter
+  runs on a big train split; the same subset for every run and process."""
+
+  def __init__(self, source, size: int, *, seed: int):
+    self.source = source
+    self.indices = np.sort(np.random.default_rng(seed).permutation(len(source))[:size])
+    self.class_names = getattr(source, "class_names", None)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self.source[int(self.indices[index])]
+
+  def describe(self, index: int) -> str:
+    inner = int(self.indices[index])
+    describe = getattr(self.source, "describe", None)
+    return describe(inner) if describe else f"example {inner}"
 
 
 def preprocess_spec(input_config: Any, split: str) -> str:
@@ -33,7 +61,6 @@ def preprocess_spec(input_config: Any, split: str) -> str:
 
 def build_preprocess(input_config: Any, split: str, *, num_classes: int):
   """The parsed spec for `split`, checked to produce `image_size` images."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   from mrl_jax.data import preprocess  # pylint: disable=import-outside-toplevel
   spec = preprocess_spec(input_config, split)
   preprocessor = preprocess.parse(spec, num_classes=num_classes)
@@ -62,4 +89,4 @@ def normalization(input_config: Any, *, num_classes: int):
 def _import_all():
   # Each module registers its sources on import.
   from mrl_jax.data import (arrayrecord_source, digits, folder_source,  # noqa: F401
-                            synthetic, tfds_source)
+                            idx_source, synthetic, tfds_source)

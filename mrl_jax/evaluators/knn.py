@@ -8,7 +8,7 @@ multi-hot labels a neighbour votes for each of its classes, and a prediction
 is correct when the query has the predicted class (precision@1).
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -20,13 +20,14 @@ _VOTE_ROWS = 4096  # queries voted at once: bounds the [rows, classes] vote tabl
 
 
 def knn_accuracy(neighbor_labels: np.ndarray, query_labels: np.ndarray,
-                 num_classes: int) -> float:
+                 num_classes: int, misses: Optional[np.ndarray] = None) -> float:
   """Fraction of queries whose neighbours' majority class is theirs.
 
   Args:
     neighbor_labels: [Q, k] class ids, or [Q, k, L] multi-hot, nearest first.
     query_labels: [Q] class ids, or [Q, L] multi-hot.
     num_classes: C, the number of classes (L for multi-hot).
+    misses: [Q] bool, queries counted wrong whatever their neighbours (degenerate ones).
   """
   correct = 0
   for start in range(0, len(query_labels), _VOTE_ROWS):
@@ -39,6 +40,8 @@ def knn_accuracy(neighbor_labels: np.ndarray, query_labels: np.ndarray,
       votes = labels.astype(np.int32).sum(axis=1)
     predicted = np.argmax(votes, axis=1)  # the first (smallest) class among ties
     hits = truth == predicted if truth.ndim == 1 else truth[np.arange(len(truth)), predicted]
+    if misses is not None:
+      hits = hits & ~misses[start:start + _VOTE_ROWS]
     correct += int(np.count_nonzero(hits))
   return correct / len(query_labels)
 
@@ -65,11 +68,15 @@ class KnnEvaluator:
     data = neighbors.load(ctx, o, max(dims))
     neighbors.check_k(ks[-1], len(data.db_labels), "knn", "ks")
     metrics = {f"{k}nn_top1": [] for k in ks}
+    metrics.update(degenerate_queries=[], degenerate_database=[])
     for m in dims:
+      misses, q_fraction, db_fraction = data.degenerate(m, self.name)
       neighbor_labels = data.db_labels[data.top_k(m, ks[-1])]
       for k in ks:
-        metrics[f"{k}nn_top1"].append(
-            knn_accuracy(neighbor_labels[:, :k], data.query_labels, self.num_classes))
+        metrics[f"{k}nn_top1"].append(knn_accuracy(
+            neighbor_labels[:, :k], data.query_labels, self.num_classes, misses))
+      metrics["degenerate_queries"].append(q_fraction)
+      metrics["degenerate_database"].append(db_fraction)
     return EvalResult(name=self.name, dims=list(dims), metrics=metrics,
                       extra={"database_size": len(data.db_labels),
                              "num_queries": len(data.query_labels), "features": o["features"]})

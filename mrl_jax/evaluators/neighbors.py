@@ -12,7 +12,9 @@ import time
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import baselines, search
@@ -36,12 +38,29 @@ class Neighbors:
     """Database items per class: recall@k's denominator."""
     return np.bincount(self.db_labels, minlength=num_classes)
 
+  def degenerate(self, m: int, evaluator: str) -> Tuple[np.ndarray, float, float]:
+    """([Q] bool mask of degenerate queries at dim m, their fraction, the database's
+    fraction); logs a warning when either is non-zero."""
+    queries = search.degenerate_rows(self.queries, m)
+    db_fraction = float(_degenerate_fraction(self.database, m))
+    q_fraction = float(queries.mean()) if len(queries) else 0.0
+    if q_fraction or db_fraction:
+      logging.warning("%s @ d%d: %.2f%% of the queries and %.2f%% of the database rows are "
+                      "all zero or non-finite; those queries count as misses and those rows "
+                      "rank last.", evaluator, m, 100 * q_fraction, 100 * db_fraction)
+    return queries, q_fraction, db_fraction
+
   def top_k(self, m: int, k: int) -> np.ndarray:
     """[Q, k] database indices of each query's k nearest rows by cosine at dim m."""
     _, indices = search.top_k(self.queries, self.database, k, dim=m, cosine=True,
                               block_size=self.block_size, query_batch=self.query_batch,
                               mesh=self.mesh)
     return np.asarray(indices)
+
+
+_degenerate_fraction = jax.jit(
+    lambda x, m: jnp.mean((search.inverse_norms(x[:, :m]) == 0).astype(jnp.float32)),
+    static_argnums=1)
 
 
 def eval_dims(option: Sequence[int], trained: Sequence[int], width: int,

@@ -46,13 +46,17 @@ class RetrievalEvaluator:
     counts = data.class_counts(self.num_classes)
     # mAP@k first: the runner's log line shows the first metric.
     names = ([f"mAP@{k}" for k in ks] + [f"{p}@{k}" for p in ("precision", "recall")
-                                         for k in ks] + [f"top{k}_hit" for k in ks] + ["top1"])
+                                         for k in ks] + [f"top{k}_hit" for k in ks] + ["top1"]
+             + ["degenerate_queries", "degenerate_database"])
     metrics = {name: [] for name in names}
     for m in dims:
+      misses, q_fraction, db_fraction = data.degenerate(m, self.name)
       neighbor_labels = data.db_labels[data.top_k(m, ks[-1])]
+      neighbor_labels[misses] = -1  # a label no query has: a degenerate query matches nothing
       values = {metric_name(key): value for key, value in retrieval_metrics.retrieval_metrics(
           neighbor_labels, data.query_labels, counts, ks).items()}
       values["top1"] = retrieval_metrics.one_nn_accuracy(neighbor_labels, data.query_labels)
+      values.update(degenerate_queries=q_fraction, degenerate_database=db_fraction)
       for name in names:
         metrics[name].append(values[name])
     return EvalResult(name=self.name, dims=list(dims), metrics=metrics,

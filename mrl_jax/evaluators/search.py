@@ -21,6 +21,14 @@ top-k (all indices below the current block) is concatenated before the block.
 Cosine at dim m multiplies the inner products with the prefix by precomputed
 inverse row norms at m, which equals the product with L2-normalised rows
 without materialising a normalised copy of the database.
+
+Degenerate vectors: a prefix that is all zero or has a non-finite entry has no
+direction, so its cosine is undefined. Such database rows score the lowest
+finite float32 (they rank after every valid row, among themselves by index,
+and still before the -inf padding of the running top-k); such queries are
+searched as the zero vector (every valid row scores 0, so they get the lowest
+indices) and the evaluators count them as misses (`degenerate_rows`), so no
+metric rests on an arbitrary order among zeros.
 """
 
 import functools
@@ -36,19 +44,38 @@ from mrl_jax import sharding
 
 _PAD_INDEX = np.iinfo(np.int32).max
 _HIGHEST = jax.lax.Precision.HIGHEST
+_DEGENERATE_SCORE = float(np.finfo(np.float32).min)
 
 
 def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """L2-normalises rows; a zero row stays zero instead of becoming NaN."""
+  """L2-normalises rows; a degenerate row (all zero or non-finite) becomes zero."""
   x = jnp.asarray(x, jnp.float32)
   norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
+  return jnp.where(jnp.isfinite(norm) & (norm > 0), x / jnp.maximum(norm, eps), 0.0)
 
 
-def inverse_norms(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """1 / ‖x‖ per row (1/eps for a zero row, whose products are 0 anyway)."""
+def inverse_norms(x: jax.Array) -> jax.Array:
+  """1 / ‖x‖ per row, and 0 for a degenerate row (all zero or non-finite)."""
   norm = jnp.linalg.norm(jnp.asarray(x, jnp.float32), axis=-1)
-  return 1.0 / jnp.maximum(norm, eps)
+  valid = jnp.isfinite(norm) & (norm > 0)
+  return jnp.where(valid, 1.0 / jnp.where(valid, norm, 1.0), 0.0)
+
+
+def cosine_scores(products: jax.Array, inv_norms: jax.Array) -> jax.Array:
+  """Inner products with unit queries → cosines; the lowest finite float32 for
+  degenerate rows (inv 0), below every cosine and above the -inf padding."""
+  return jnp.where(inv_norms > 0, products * inv_norms, _DEGENERATE_SCORE)
+
+
+def degenerate_rows(x, dim: int, block_rows: int = 65536) -> np.ndarray:
+  """[N] bool: rows whose prefix x[:, :dim] is all zero or has a non-finite entry
+  (read block by block, so a memmap is never copied whole)."""
+  out = np.empty((x.shape[0],), bool)
+  for start in range(0, x.shape[0], block_rows):
+    block = np.asarray(x[start:start + block_rows, :dim], np.float32)
+    out[start:start + len(block)] = (~np.isfinite(block).all(axis=1)
+                                     | ~np.any(block != 0, axis=1))
+  return out
 
 
 def _chunk_size(n: int, k: int) -> int:
@@ -100,7 +127,7 @@ def search_impl(queries: jax.Array, database: jax.Array, inv_norms: Optional[jax
   def block_top_k(block, inv, start):
     scores = jnp.matmul(queries, block.astype(jnp.float32).T, precision=_HIGHEST)
     if inv is not None:
-      scores = scores * inv[None, :]
+      scores = cosine_scores(scores, inv[None, :])
     top, pos = select_top_k(scores, min(k, block.shape[0]))
     return top, pos.astype(jnp.int32) + start
 

@@ -63,7 +63,7 @@ def rerank(queries: jax.Array, database: jax.Array, indices: jax.Array, dim: int
   rows = database[indices, :dim].astype(jnp.float32)  # gathers [Q, K, dim]
   q = search.normalize(queries[:, :dim])
   scores = jnp.einsum("qd,qkd->qk", q, rows, precision=jax.lax.Precision.HIGHEST)
-  scores = scores * search.inverse_norms(rows)
+  scores = search.cosine_scores(scores, search.inverse_norms(rows))
   top, pos = jax.lax.top_k(scores, keep)
   return top, jnp.take_along_axis(indices, pos, axis=1)
 

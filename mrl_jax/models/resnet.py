@@ -6,6 +6,21 @@ the bottleneck downsamples on its 3x3 conv, shortcuts are 1x1 conv + BN
 projections, convs have no bias and are He-normal (fan_out) initialised.
 The classifier is not part of the backbone; `__call__` returns the pooled
 representation [B, embed_dim] that the Matryoshka heads slice.
+
+Options for small images and for where the representation is taken (README
+"Where z is taken"; measured in `mrl_jax.tools.compare_mrl`):
+
+  stem="imagenet"  7x7/2 conv + 3x3/2 max-pool (the paper's ResNet50). At 32 px
+                   the last feature map is 1x1, so "average pooling" pools one
+                   ReLU output and many coordinates of z are exactly 0.
+  stem="cifar"     one 3x3/1 conv, no max-pool (He et al.'s CIFAR ResNets): a
+                   4x4 last map at 32 px, 16x the compute of the ImageNet stem.
+  width=64         channels of the first stage (stages: w, 2w, 4w, 8w); narrower
+                   ResNets for CPU-sized experiments, d = 8w·expansion.
+  representation="relu"    z = mean over space of the last block's ReLU output
+                           (the paper; z ≥ 0).
+  representation="preact"  z = the same mean before the last ReLU: signed, so a
+                           short prefix is never all zero and always has a direction.
 """
 
 from typing import Any, Callable, Sequence, Tuple, Type
@@ -59,6 +74,7 @@ class _Block(nnx.Module):
 
   def __init__(self, f: _ConvBNFactory, in_ch: int, out_ch: int, stride: int):
     self.dtype = f.dtype
+    self.relu_out = True  # False for the last block of a "preact" representation.
     if stride != 1 or in_ch != out_ch:
       self.proj_conv = f.conv(in_ch, out_ch, 1, stride)
       self.proj_bn = f.bn(out_ch)
@@ -73,7 +89,7 @@ class _Block(nnx.Module):
   def _residual(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
     if self.proj_conv is not None:
       x = self._conv_bn(self.proj_conv, self.proj_bn, x, train)
-    return nnx.relu(x + y)
+    return nnx.relu(x + y) if self.relu_out else x + y
 
 
 class BasicBlock(_Block):
@@ -152,7 +168,9 @@ _VARIANTS: dict[str, Tuple[Type[_Block], Sequence[int]]] = {
     "101": (Bottleneck, (3, 4, 23, 3)),
     "152": (Bottleneck, (3, 8, 36, 3)),
 }
-_STAGE_PLANES = (64, 128, 256, 512)
+_STAGE_MULTIPLIERS = (1, 2, 4, 8)
+STEMS = ("imagenet", "cifar")
+REPRESENTATIONS = ("relu", "preact")
 
 
 @MODELS.register("resnet")
@@ -160,37 +178,56 @@ class ResNet(nnx.Module):
   """ResNet backbone mapping images [B, H, W, C] to representations [B, embed_dim].
 
   `train` is an explicit call argument (not a module mode flag) because the
-  training step is a functional jit over `nnx.split` state.
+  training step is a functional jit over `nnx.split` state. `image_size` is
+  accepted like every backbone's and ignored: a ResNet is resolution-agnostic.
   """
 
   def __init__(self, variant: str, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, remat: bool = False,
                bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
-               zero_init_last_bn: bool = True, in_channels: int = 3):
+               zero_init_last_bn: bool = True, in_channels: int = 3,
+               stem: str = "imagenet", width: int = 64, representation: str = "relu",
+               image_size: int = 0):
+    del image_size
     if variant not in _VARIANTS:
       raise ConfigError(f"Unknown ResNet variant {variant!r}. "
                        f"Known variants: {', '.join(_VARIANTS)}.")
+    if stem not in STEMS:
+      raise ConfigError(f"Unknown ResNet stem {stem!r}; set --config.model.options.stem "
+                        f"to one of {STEMS}.")
+    if representation not in REPRESENTATIONS:
+      raise ConfigError(f"Unknown ResNet representation {representation!r}; set "
+                        f"--config.model.options.representation to one of {REPRESENTATIONS}.")
+    if width < 1:
+      raise ConfigError(f"ResNet width {width} must be a positive channel count "
+                        "(--config.model.options.width; 64 is the standard ResNet).")
     block_cls, depths = _VARIANTS[variant]
     f = _ConvBNFactory(dtype=dtype, param_dtype=param_dtype,
                        bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, rngs=rngs)
     self.variant = variant
     self.dtype = dtype
-    self.stem_conv = f.conv(in_channels, 64, 7, stride=2)
-    self.stem_bn = f.bn(64)
+    self.stem = stem
+    if stem == "imagenet":
+      self.stem_conv = f.conv(in_channels, width, 7, stride=2)
+    else:
+      self.stem_conv = f.conv(in_channels, width, 3, stride=1)
+    self.stem_bn = f.bn(width)
     stages = []
-    in_ch = 64
-    for i, (planes, depth) in enumerate(zip(_STAGE_PLANES, depths)):
-      stages.append(Stage(block_cls, f, in_ch, planes, depth,
+    in_ch = width
+    for i, (mult, depth) in enumerate(zip(_STAGE_MULTIPLIERS, depths)):
+      stages.append(Stage(block_cls, f, in_ch, width * mult, depth,
                           stride=1 if i == 0 else 2,
                           zero_init_last_bn=zero_init_last_bn, remat=remat))
-      in_ch = planes * block_cls.expansion
+      in_ch = width * mult * block_cls.expansion
     self.stages = nnx.List(stages)
+    self.stages[-1].blocks[-1].relu_out = representation == "relu"
     self.embed_dim = in_ch
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = self.stem_conv(x.astype(self.dtype))
     x = nnx.relu(self.stem_bn(x, use_running_average=not train).astype(self.dtype))
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.stem == "imagenet":
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage in self.stages:
       x = stage(x, train=train)
     # Pool in float32: the representation feeds the (f32) Matryoshka heads.
