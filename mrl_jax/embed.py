@@ -39,7 +39,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mrl_jax import checkpointing, data, experiment, optim, sharding, steps
+from mrl_jax import checkpointing, data, errors, experiment, optim, sharding, steps
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
 
@@ -345,7 +345,7 @@ def main(argv) -> None:
     embed_split(run, f.split, out, dtype=f.dtype or embed_config.get("dtype", "float32"),
                 shard_size=embed_config.get("shard_size", 0),
                 batch_size=embed_config.get("batch_size", 0))
-  except main_lib.USER_ERRORS as e:
+  except errors.USER_ERRORS as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
   if jax.process_index() == 0:

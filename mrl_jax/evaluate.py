@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 from absl import app, flags, logging
 
-from mrl_jax import embed, evaluators
+from mrl_jax import embed, errors, evaluators
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import outputs
 from mrl_jax.metric_writer import MetricWriter
@@ -96,7 +96,7 @@ def main(argv) -> None:
     writer = MetricWriter(workdir)
     results = evaluate_run(run, workdir, evals, writer=writer, compare=compare)
     writer.close()
-  except main_lib.USER_ERRORS as e:
+  except errors.USER_ERRORS as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
   if jax.process_index() == 0:

@@ -29,8 +29,6 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "workers are found through the metadata server); 'off' never.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Errors the user fixes: printed as one line, no traceback (also by the evaluate/embed CLIs).
-USER_ERRORS = errors.USER_ERRORS
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -67,7 +65,7 @@ def main(argv):
   except Preempted as e:  # Saved; the scheduler may restart the same command.
     logging.warning("%s", e)
     sys.exit(0)
-  except USER_ERRORS as e:
+  except errors.USER_ERRORS as e:
     # The user's to fix: one clear message, no traceback.
     logging.error("%s", e)
     sys.exit(f"error: {e}")

@@ -23,7 +23,7 @@ from mrl_jax.evaluators import EvalResult, outputs
 from mrl_jax.evaluators.classification import masked_topk_hits, resolve_class_subset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIMS = [8, 16, 32, 64, 128, 256, 512]
+DIMS = [2, 4, 8, 16, 32, 64, 128, 256, 512]
 CONFIG = textwrap.dedent("""
     import ml_collections
     from configs import demo
@@ -131,7 +131,7 @@ def test_evaluate_cli_writes_tables_plots_and_report(run):
   step_dir = workdir / "eval" / "step_6"
   for name in ("classification", "odd_classes", "shifted"):
     result = _json(step_dir / f"{name}.json")
-    assert result["dims"] == DIMS and all(len(v) == 7 for v in result["metrics"].values())
+    assert result["dims"] == DIMS and all(len(v) == len(DIMS) for v in result["metrics"].values())
     with open(step_dir / f"{name}.csv", encoding="utf-8") as f:
       rows = list(csv.DictReader(f))
     assert [int(r["dim"]) for r in rows] == DIMS

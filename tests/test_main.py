@@ -75,7 +75,7 @@ def test_demo_learns_the_real_digits_at_every_dim(tmp_path):
                   "--config.input.image_size=16", devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["dims"] == [8, 16, 32, 64, 128, 256, 512]
+  assert summary["dims"] == [2, 4, 8, 16, 32, 64, 128, 256, 512]
   assert min(summary["top1"]) > 0.3, summary["top1"]
   assert summary["top1"][-1] > 0.8, summary["top1"]
 
