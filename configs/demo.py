@@ -38,6 +38,8 @@ def get_config(arg=None):
   # the same kNN on SVD features and on randomly chosen coordinates.
   common.add_evals(c, ("classification", "linear_probe", "knn", "retrieval", "few_shot",
                        "adaptive_classification", "adaptive_retrieval"))
+  # 1,438 rows are 2 mini-batches: 100 epochs give the probes 200 steps.
+  c.evals.linear_probe.epochs = 100
   common.add_baseline_evals(c, ("knn",))
   if "synthetic" in variants:
     c.input.source = "synthetic"
