@@ -3,6 +3,8 @@
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import cpu_env  # noqa: E402  pylint: disable=wrong-import-position
+
+os.environ.setdefault("XLA_FLAGS", cpu_env.xla_flags(8, fast_compile=True))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

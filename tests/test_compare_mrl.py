@@ -13,6 +13,8 @@ from mrl_jax.tools import compare_mrl
 
 def _tiny_config():
   config = fashion_mnist.get_config("runlocal,synthetic")
+  # The smallest ViT (few parameter arrays: the checkpoints are cheap) and a neck to 64.
+  config.model.name, config.model.variant, config.model.options = "vit", "mu/4", {}
   config.mrl.nesting = (8, 64)
   config.input.image_size = 16
   config.total_steps = 2

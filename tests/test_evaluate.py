@@ -21,6 +21,7 @@ from PIL import Image
 
 from mrl_jax.evaluators import EvalResult, outputs
 from mrl_jax.evaluators.classification import masked_topk_hits, resolve_class_subset
+from tests import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = [2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -45,8 +46,7 @@ CONFIG = textwrap.dedent("""
 
 
 def _run(module, config, workdir, *flags, devices=2):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = cpu_env.env(devices)
   cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}", *flags]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
+from tests import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(config, workdir, *overrides, devices=8, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = cpu_env.env(devices)
   cmd = [sys.executable, "-m", "mrl_jax.main", f"--config={config}",
          f"--workdir={workdir}", *overrides]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,

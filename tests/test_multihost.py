@@ -14,6 +14,8 @@ import time
 
 import portpicker
 
+from tests import cpu_env
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NUM_PROCESSES = 2
 _LOCAL_DEVICES = 2
@@ -30,8 +32,7 @@ def _launch(tmp_path):
   """Starts every process; returns [(Popen, log path, workdir)]."""
   port = portpicker.pick_unused_port()
   env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ENV}
-  env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={_LOCAL_DEVICES}")
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_env.xla_flags(_LOCAL_DEVICES))
   procs = []
   workdir = tmp_path / "workdir"  # Shared, as checkpoints need (a shared file system).
   for i in range(_NUM_PROCESSES):

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 ARGS = ("--config=configs/vit_b16_i1k.py:runlocal", f"--config.total_steps={STEPS}",
@@ -21,9 +23,7 @@ ARGS = ("--config=configs/vit_b16_i1k.py:runlocal", f"--config.total_steps={STEP
 def fixture_env(tmp_path_factory):
   """One device (compiles fastest; tests/test_checkpointing.py covers meshes), and JAX's
   persistent compilation cache shared by this module's runs (same programs, less waiting)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")))
+  return cpu_env.env(1, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")))
 
 
 def _command(workdir, *overrides):

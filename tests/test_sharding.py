@@ -11,9 +11,11 @@ from mrl_jax.data import pipeline, preprocess, synthetic
 
 def _config(model):
   c = demo.get_config("runlocal,synthetic")
+  # A narrow ResNet18 with its neck: the same layers to shard, 1/16 of the FLOPs.
+  c.model.options, c.model.neck_dim, c.mrl.nesting = {"width": 16}, 64, (2, 8, 64)
   if model == "vit":  # no BatchNorm, dropout on: rng state must shard too
     c.model.name, c.model.variant = "vit", "mu/4"
-    c.model.options = {"dropout": 0.1}
+    c.model.options, c.model.neck_dim = {"dropout": 0.1}, 0
     c.mrl.nesting, c.mrl.mode = (4, 8, 16, 32), "mrl_e"
     c.optim.clip_norm = 1.0
   c.input.image_size = 16
