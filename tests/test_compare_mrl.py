@@ -65,3 +65,14 @@ def test_unknown_runs_and_studies_are_refused(tmp_path):
     compare_mrl.compare(config, str(tmp_path), only=["ff3"])
   with pytest.raises(compare_mrl.ConfigError, match="methods"):
     compare_mrl.compare(config, str(tmp_path), study="nope")
+
+
+def test_a_run_without_evaluators_still_reports_its_heads(tmp_path):
+  config = _tiny_config()
+  config.evals = type(config.evals)()
+  compare_mrl.compare(config, str(tmp_path), only=["ff8"])
+  summary = json.loads((tmp_path / "ff8" / "summary.json").read_text())
+  rows = compare_mrl.collect(
+      [s for s in compare_mrl.methods_study(config) if s.name == "ff8"], str(tmp_path))
+  assert rows == [{"method": "FF-k", "metric": "head top-1",
+                   "values": {8: pytest.approx(summary["top1"][0])}}]

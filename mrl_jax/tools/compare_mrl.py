@@ -149,8 +149,7 @@ def run_config(base, spec: RunSpec) -> ml_collections.ConfigDict:
 
 
 def is_finished(run_dir: str) -> bool:
-  return (os.path.exists(os.path.join(run_dir, train.SUMMARY_FILE))
-          and os.path.exists(os.path.join(run_dir, "eval", "latest.json")))
+  return os.path.exists(os.path.join(run_dir, train.SUMMARY_FILE))
 
 
 def run_study(base, specs: Sequence[RunSpec], workdir: str) -> Dict[str, float]:
@@ -175,7 +174,11 @@ def run_study(base, specs: Sequence[RunSpec], workdir: str) -> Dict[str, float]:
 
 
 def _results(run_dir: str) -> Dict[str, dict]:
-  with open(os.path.join(run_dir, "eval", "latest.json"), encoding="utf-8") as f:
+  """The run's evaluator results by name ({} if its config has no evaluators)."""
+  path = os.path.join(run_dir, "eval", "latest.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
     return {r["name"]: r for r in json.load(f)["results"]}
 
 
@@ -191,6 +194,10 @@ def collect(specs: Sequence[RunSpec], workdir: str) -> List[dict]:
   rows: Dict[tuple, Dict[int, float]] = {}
   for spec in specs:
     results = _results(os.path.join(workdir, spec.name))
+    if "classification" not in results:  # the heads' top-1 is in every run's summary
+      with open(os.path.join(workdir, spec.name, train.SUMMARY_FILE), encoding="utf-8") as f:
+        summary = json.load(f)
+      results["classification"] = {"dims": summary["dims"], "metrics": {"top1": summary["top1"]}}
     for evaluator, metric, label in TABLE_METRICS:
       values = _series(results.get(evaluator), metric)
       if spec.at_dim:
