@@ -18,6 +18,9 @@ from mrl_jax.data import pipeline
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
 
 
+SUMMARY_FILE = "summary.json"  # written last: a run with it has finished
+
+
 def run(config: Any, workdir: str) -> Dict[str, Any]:
   """A whole run as `python -m mrl_jax.main` makes it: `config.json`, training (resumed
   from the workdir's checkpoint if there is one) with its evaluations, `summary.json`."""
@@ -30,9 +33,6 @@ def run(config: Any, workdir: str) -> Dict[str, Any]:
     with open(os.path.join(workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
   return results
-
-
-SUMMARY_FILE = "summary.json"  # written last: a run with it has finished
 
 
 def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
