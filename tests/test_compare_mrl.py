@@ -76,3 +76,10 @@ def test_a_run_without_evaluators_still_reports_its_heads(tmp_path):
       [s for s in compare_mrl.methods_study(config) if s.name == "ff8"], str(tmp_path))
   assert rows == [{"method": "FF-k", "metric": "head top-1",
                    "values": {8: pytest.approx(summary["top1"][0])}}]
+
+
+def test_methods_study_needs_nesting_up_to_the_embedding_width():
+  config = _tiny_config()
+  config.mrl.nesting = (8, 32)  # d is the neck's 64: FF-32 would be missing
+  with pytest.raises(compare_mrl.ConfigError, match="end at 64"):
+    compare_mrl.methods_study(config)

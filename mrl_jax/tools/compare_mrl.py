@@ -35,9 +35,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import jax
 import ml_collections
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
-from mrl_jax import errors, train
+from mrl_jax import errors, experiment, train
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import outputs
 from mrl_jax.fault_tolerance import Preempted
@@ -71,11 +72,22 @@ def _features(entry) -> str:
   return entry.get("features", "prefix")
 
 
+def _embed_width(config) -> int:
+  """d, the width of z (the neck's, or the backbone's), from the abstract model."""
+  model = nnx.eval_shape(experiment.model_factory(config))
+  return model.neck.out_features if model.neck is not None else model.backbone.embed_dim
+
+
 def methods_study(config) -> List[RunSpec]:
   nesting = tuple(int(m) for m in config.mrl.nesting)
   if len(nesting) < 2:
     raise ConfigError("The methods study needs an explicit nesting list of at least two "
                       "dims (--config.mrl.nesting), the last one the embedding width d.")
+  width = _embed_width(config)
+  if nesting[-1] != width:
+    raise ConfigError(f"The methods study reports the plain model as FF-d, so the last "
+                      f"nesting dim must be the embedding width d={width}, not {nesting[-1]}; "
+                      f"set --config.mrl.nesting to end at {width}.")
 
   def mrl_run(mode):
     def configure(c):
