@@ -85,6 +85,9 @@ def get_base_config():
   # <workdir>/checkpoints; rerunning the same command resumes (mrl_jax/checkpointing.py).
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000,       # 0: only at the end (and on SIGTERM / preemption)
+      every_minutes=10.0,     # ... and once this much wall time has passed since the last
+                              # save, whichever comes first: a kill -9 loses at most this
+                              # much work (0: no time trigger)
       keep=3,                 # the latest `keep` checkpoints are kept ...
       best_metric="",         # ... plus the `keep_best` best by this eval metric, e.g.
       best_mode="max",        # "val/top1_d2048" (max) or "val/loss_d2048" (min)

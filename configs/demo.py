@@ -34,6 +34,7 @@ def get_config(arg=None):
 
   c.log_every = 20
   c.eval_every = 100
+  c.checkpoint.every_minutes = 1.0  # a run of a few minutes: a checkpoint every minute
   # The paper's evaluation suite at every dim, after training; plus the baselines:
   # the same kNN on SVD features and on randomly chosen coordinates.
   common.add_evals(c, ("classification", "linear_probe", "knn", "retrieval", "few_shot",

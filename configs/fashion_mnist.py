@@ -46,6 +46,7 @@ def get_config(arg=None):
   c.log_every = 100
   c.eval_every = 0
   c.checkpoint.every_steps = 500
+  c.checkpoint.every_minutes = 2.0  # minutes-long CPU run: lose at most 2 minutes to a kill
   # The paper's suite at every dim after training, with the SVD and random-coordinate
   # baselines of the same features.
   common.add_evals(c, ("classification", "linear_probe", "knn", "retrieval",

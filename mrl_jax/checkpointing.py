@@ -7,6 +7,9 @@ A step directory holds three items, written by one async `CheckpointManager`:
   data/   the input pipeline's position, one `process_<i>-of-<n>.json` per
           process (each host reads its own shard of the data);
   meta/   the resolved config, model, nesting dims, mesh, process count.
+A step is saved every `checkpoint.every_steps` steps, and also once
+`checkpoint.every_minutes` of wall time have passed since the last save (or
+since the Checkpointer was made), so a `kill -9` loses at most that much work.
 Orbax writes a step under a temporary name and renames it when complete, so a
 process killed mid-save leaves no step directory behind, only a temporary one
 that is reported and removed on the next start. A complete step that cannot be
@@ -18,7 +21,8 @@ import datetime
 import json
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -27,7 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mrl_jax import sharding
-from mrl_jax.errors import ConfigError, UserError
+from mrl_jax.errors import ConfigError, MissingFileError, UserError
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _BEST_METRIC = re.compile(r"^val/(top1|top5|loss)_d(\d+)$")
@@ -123,14 +127,65 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-class Checkpointer:
-  """Saves every `every_steps`, at the end and on preemption; restores the latest good step.
+class _TimeTrigger:
+  """Says when `minutes` of wall time have passed since the last save (0: never).
 
-  `config` is the run's config (its `checkpoint` block sets the policy, the
-  rest is stored as metadata); `dims` are the head's nesting dims.
+  A save is collective, so every process must decide alike although their clocks
+  differ: with several processes, process 0's clock decides and the answer is
+  broadcast. The broadcast is a host sync, so it is not made every step: process 0
+  also sends the step of the next check, placed at 9/10 of the time left at its
+  measured steps per second; the checks close in on the deadline, a few per interval.
+  In a single process the local clock is read each step, with no sync at all.
   """
 
-  def __init__(self, workdir: str, config: Any, dims, mesh: jax.sharding.Mesh):
+  _SHORTEN = 0.9  # The next check at this fraction of the time left: never late by much.
+
+  def __init__(self, minutes: float, clock: Callable[[], float], num_processes: int):
+    self._interval_s = 60.0 * float(minutes)
+    self._clock = clock
+    self._shared = num_processes > 1
+    self._last_save = clock()
+    self._next_check = 0
+    self._checked: Optional[Tuple[int, float]] = None  # (step, time) of the last check
+    self.broadcasts = 0
+
+  def saved(self) -> None:
+    self._last_save = self._clock()
+
+  def due(self, step: int) -> bool:
+    if self._interval_s <= 0:
+      return False
+    if not self._shared:
+      return self._clock() - self._last_save >= self._interval_s
+    if step < self._next_check:
+      return False
+    now = self._clock()
+    left = self._last_save + self._interval_s - now
+    due = left <= 0
+    gap = 1
+    if self._checked is not None and step > self._checked[0] and now > self._checked[1]:
+      steps_per_s = (step - self._checked[0]) / (now - self._checked[1])
+      gap = int(self._SHORTEN * (self._interval_s if due else left) * steps_per_s)
+    self._checked = (step, now)
+    # Only process 0's values count.
+    due, gap = (int(x) for x in multihost_utils.broadcast_one_to_all(
+        np.array([due, min(max(gap, 1), 1 << 30)], np.int32)))
+    self.broadcasts += 1
+    self._next_check = step + gap
+    return bool(due)
+
+
+class Checkpointer:
+  """Saves every `every_steps` and `every_minutes`, at the end and on preemption;
+  restores the latest good step.
+
+  `config` is the run's config (its `checkpoint` block sets the policy, the
+  rest is stored as metadata); `dims` are the head's nesting dims. `clock`
+  (seconds) times `every_minutes`; the interval starts when this is made.
+  """
+
+  def __init__(self, workdir: str, config: Any, dims, mesh: jax.sharding.Mesh, *,
+               clock: Callable[[], float] = time.monotonic):
     ckpt = config.checkpoint
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._ckpt = ckpt
@@ -149,6 +204,7 @@ class Checkpointer:
                   "num_processes": jax.process_count(),
                   "config": json.loads(config.to_json_best_effort())}
     self._saving: Optional[int] = None  # the step of the latest save started
+    self._timer = _TimeTrigger(ckpt.every_minutes, clock, jax.process_count())
     _check_shared(self.directory)
     self._report_unfinished_saves()
     self._mngr = _manager(self.directory, self._options())
@@ -284,12 +340,17 @@ class Checkpointer:
                  nonfinite_steps: int = 0) -> bool:
     """Saves if the policy says so (or `force`); True if a save started.
 
+    Call it at every step, on every process: the time trigger's checks are
+    collective steps in a multi-process run.
+
     With async saves this returns once the arrays are copied off the devices;
     the files are written in the background (`wait()` joins).
     """
     force = force or (self.track_best and metrics is not None)
-    if step in self._mngr.all_steps() or not (force or self._mngr.should_save(step)):
+    if step in self._mngr.all_steps() or not (
+        force or self._mngr.should_save(step) or self._timer.due(step)):
       return False
+    self._timer.saved()
     meta = dict(self._meta, step=int(step), nonfinite_steps=int(nonfinite_steps),
                 time=datetime.datetime.now(datetime.timezone.utc).isoformat())
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -332,7 +393,7 @@ def _resolve(init_from: str) -> Tuple[str, int]:
   steps = sorted(int(n) for n in (os.listdir(path) if os.path.isdir(path) else [])
                  if n.isdigit())
   if not steps:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"--config.checkpoint.init_from={init_from}: no checkpoint found there (looked for "
         f"{path}/<step>/state). Pass a run's workdir, its checkpoints/ directory or a step "
         "directory.")
@@ -414,13 +475,13 @@ def restore_state(workdir: str, target: Any, step: Optional[int] = None) -> Tupl
   try:
     saved = list(mngr.all_steps())
     if not saved:
-      raise FileNotFoundError(f"No checkpoint in {directory}; train the run first (python -m "
-                              "mrl_jax.main --config=... --workdir=...) or point --workdir at "
-                              "a run's workdir.")
+      raise MissingFileError(f"No checkpoint in {directory}; train the run first (python -m "
+                             "mrl_jax.main --config=... --workdir=...) or point --workdir at "
+                             "a run's workdir.")
     step = max(saved) if step is None else int(step)
     if step not in saved:
-      raise FileNotFoundError(f"No checkpoint step {step} in {directory}; it has steps "
-                              f"{sorted(saved)}. Pass one of them, or no step for the latest.")
+      raise MissingFileError(f"No checkpoint step {step} in {directory}; it has steps "
+                             f"{sorted(saved)}. Pass one of them, or no step for the latest.")
     state = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
   finally:

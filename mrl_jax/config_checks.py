@@ -42,6 +42,10 @@ def check_config(config: Any, data_parallel: int) -> None:
         f"{_round_up(config.input.eval_batch_size, data_parallel)}.")
   if config.input.image_size <= 0:
     add(f"input.image_size={config.input.image_size} must be positive.")
+  if config.checkpoint.every_minutes < 0:
+    add(f"checkpoint.every_minutes={config.checkpoint.every_minutes} is negative: set "
+        "--config.checkpoint.every_minutes to the most minutes of work a kill may lose "
+        "(e.g. 10), or to 0 to save by step count only (checkpoint.every_steps).")
   if problems:
     raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
 

@@ -1,7 +1,8 @@
 """The errors a user fixes in their config, data or command line (not bugs in mrl_jax).
 
-Every CLI prints a `UserError` (and a missing file) as one clear message instead
-of a traceback; each subclass also derives from the builtin it refines.
+Every CLI prints a `UserError` as one clear message instead of a traceback
+(`mrl_jax.cli.run`); each subclass also derives from the builtin it refines, so
+`except FileNotFoundError` / `except ValueError` keep working.
 """
 
 
@@ -9,12 +10,13 @@ class UserError(Exception):
   """Base of every error whose message names what the user should change."""
 
 
-# Missing paths keep their builtin type; the CLIs treat them as the user's to fix too.
-USER_ERRORS = (UserError, FileNotFoundError)
-
-
 class ConfigError(UserError, ValueError):
   """An impossible or inconsistent experiment setting; the message names the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or directory the command needs is not there; the message says how to make it
+  (prepare the dataset, train the run first, …) or which flag points at it."""
 
 
 class CorruptImageError(ValueError):

@@ -4,6 +4,8 @@ Recipes this covers: the paper's ResNet50 (SGD + momentum, coupled L2 weight
 decay off norms and biases, warm-up then linear to 0), ViT on JFT (Adafactor,
 linear decay) and AdamW. Gradient accumulation lives in the train step (a
 scan over micro-batches), so one optimizer update is one step everywhere.
+Every field is read from `config.optim` as is: its defaults live in
+configs/common.py (get_base_config), nowhere else.
 """
 
 import re
@@ -22,9 +24,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 def make_schedule(optim_config: Any, total_steps: int) -> Callable[[int], float]:
   """Linear warm-up from 0 to `lr`, then cosine / linear decay or constant."""
   lr = float(optim_config.lr)
-  warmup = int(optim_config.get("warmup_steps", 0))
-  name = optim_config.get("schedule", "cosine")
-  end = lr * float(optim_config.get("end_lr_fraction", 0.0))
+  warmup = int(optim_config.warmup_steps)
+  name = optim_config.schedule
+  end = lr * float(optim_config.end_lr_fraction)
   if name not in SCHEDULES:
     raise ConfigError(f"Unknown schedule {name!r}; choose one of {SCHEDULES}.")
   if warmup >= total_steps and total_steps > 0:
@@ -59,20 +61,20 @@ def make_optimizer(optim_config: Any, total_steps: int, params: Any
   if name not in OPTIMIZERS:
     raise ConfigError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
   schedule = make_schedule(optim_config, total_steps)
-  wd = float(optim_config.get("weight_decay", 0.0))
-  mask = decay_mask(params, optim_config.get("no_decay", r"pos_embed|cls_token|probe"))
+  wd = float(optim_config.weight_decay)
+  mask = decay_mask(params, optim_config.no_decay)
   if name == "sgd":
     tx = optax.chain(
         optax.add_decayed_weights(wd, mask) if wd else optax.identity(),
-        optax.sgd(schedule, momentum=optim_config.get("momentum", 0.9),
-                  nesterov=optim_config.get("nesterov", False)))
+        optax.sgd(schedule, momentum=optim_config.momentum, nesterov=optim_config.nesterov))
   elif name == "adamw":
-    tx = optax.adamw(schedule, b1=optim_config.get("b1", 0.9), b2=optim_config.get("b2", 0.999),
-                     weight_decay=wd, mask=mask)
+    tx = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, weight_decay=wd,
+                     mask=mask)
   else:
-    tx = optax.adafactor(schedule, momentum=optim_config.get("momentum", None),
+    # optim.momentum (0.9 in the base config) is Adafactor's first-moment decay too.
+    tx = optax.adafactor(schedule, momentum=optim_config.momentum,
                          weight_decay_rate=wd or None, weight_decay_mask=mask if wd else None)
-  clip = optim_config.get("clip_norm", None)
+  clip = optim_config.clip_norm
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
   return tx, schedule

@@ -1,6 +1,6 @@
 """The one registry pattern of the project: a decorator to register, a name to look up.
 
-Models, data sources and (later) evaluators and preprocessing ops each own one
+Models, data sources, evaluators and preprocessing ops each own one
 `Registry`. Lookups of unknown names fail with the list of known ones, so a typo
 in a config is a one-line fix rather than a stack trace.
 """
@@ -32,6 +32,13 @@ class Registry:
       known = ", ".join(sorted(self._entries)) or "(none)"
       raise ConfigError(f"Unknown {self.kind} {name!r}. Known {self.kind}s: {known}.")
     return self._entries[name]
+
+  def name_of(self, obj: Callable) -> str:
+    """The name `obj` was registered under."""
+    for name, entry in self._entries.items():
+      if entry is obj:
+        return name
+    raise KeyError(f"{obj!r} is not a registered {self.kind}.")
 
   def names(self):
     return sorted(self._entries)

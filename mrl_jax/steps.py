@@ -24,13 +24,13 @@ TrainState = Dict[str, Any]
 Batch = Dict[str, jax.Array]
 
 
-# (mean, std) per channel in 0..255 units; the default maps [0, 255] to [-1, 1].
-MINUS_ONE_ONE = ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
-
-
-def normalize_images(images: jax.Array, normalization=MINUS_ONE_ONE) -> jax.Array:
+def normalize_images(images: jax.Array, normalization) -> jax.Array:
   """uint8 → float32 (x - mean) / std, on the device: batches travel as uint8 (4× less
-  host→device traffic) and the preprocessing spec's `normalize(...)` lands here."""
+  host→device traffic) and the preprocessing spec's `normalize(...)` lands here.
+
+  `normalization` is (mean, std) per channel in 0..255 units, as
+  `mrl_jax.data.normalization(config.input, ...)` returns it (the presets live in
+  `mrl_jax.data.preprocess.NORMALIZATIONS`)."""
   mean, std = (jnp.asarray(v, jnp.float32) for v in normalization)
   return (images.astype(jnp.float32) - mean) / std
 
@@ -74,7 +74,7 @@ def _loss_and_grads(graphdef, params, model_state, batch, loss_kwargs, normaliza
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: Callable, state_shardings: Any, batch_sharding: NamedSharding,
                     *, loss_kwargs: Dict[str, Any], microbatches: int = 1,
-                    normalization=MINUS_ONE_ONE, poison_steps: Tuple[int, ...] = ()
+                    normalization, poison_steps: Tuple[int, ...] = ()
                     ) -> Callable:
   """(state, batch) → (state, metrics); the state is donated.
 
@@ -138,7 +138,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 def make_eval_step(graphdef: nnx.GraphDef, state_shardings: Any,
                    batch_sharding: NamedSharding, *, loss_kwargs: Dict[str, Any],
-                   normalization=MINUS_ONE_ONE) -> Callable:
+                   normalization) -> Callable:
   """(state, batch) → per-dim sums {"top1", "top5", "loss"} [M] and "count".
 
   `batch["mask"]` (1 for real examples, 0 for padding) makes the last, padded

@@ -3,18 +3,20 @@
 Side effects (I/O, logging, checkpoints) live here and in the modules it calls.
 """
 
+import contextlib
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
-from mrl_jax import (checkpointing, config_checks, data, evaluate, experiment, fault_tolerance,
-                     report, sharding)
+from mrl_jax import (checkpointing, config_checks, data, evaluators, experiment, fault_tolerance,
+                     inference, report, sharding)
 from mrl_jax.data import pipeline
+from mrl_jax.evaluators import runner
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
 
 
@@ -56,8 +58,8 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                config.input.batch_size)
   logging.info("Sharded parameters:\n%s", exp.sharding_summary)
   writer = MetricWriter(workdir)
-  evals = evaluate.TrainingEvaluations(config, workdir, mesh, exp.graphdef, exp.state_shardings,
-                                       dims, writer)
+  evals = runner.TrainingEvaluations(config, workdir, dims, writer,
+                                     _round_opener(config, workdir, mesh, exp))
   ckpt = checkpointing.Checkpointer(workdir, config, dims, mesh)
   host_batches = pipeline.train_iterator(
       train_source, data.build_preprocess(config.input, "train",
@@ -119,6 +121,21 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                step, wall, progress.mean_rate, table)
   return {"dims": list(dims), **{k: [float(x) for x in v] for k, v in results.items()},
           "steps": step, "wall_seconds": wall, "train_img_per_sec": progress.mean_rate}
+
+
+def _round_opener(config: Any, workdir: str, mesh, exp):
+  """The training evaluations' `open_round`: the live state as an inference `Run`, its
+  embeddings deleted after the round; the jitted forwards compile once per run."""
+  compiled: Dict[Any, Any] = {}
+
+  @contextlib.contextmanager
+  def open_round(step: int, state: Any) -> Iterator[evaluators.EvalContext]:
+    run = inference.Run(config, mesh, exp.graphdef, state, exp.state_shardings, step, exp.dims,
+                        compiled=compiled)
+    with inference.RoundFunctions(run, workdir, keep_embeddings=False) as fns:
+      yield evaluators.EvalContext(step, run.dims, mesh, fns.embed_split, fns.apply_heads)
+
+  return open_round
 
 
 def _val_scalars(dims, results) -> Optional[Dict[str, float]]:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mrl_jax.errors import ConfigError
+from mrl_jax import evaluators
 from mrl_jax.evaluators import baselines
 
 
@@ -93,10 +94,10 @@ def test_subsample():
 def test_evaluator_options_reject_typos():
   defaults = {"epochs": 10, "dims": ()}
   block = ml_collections.ConfigDict({"type": "linear_probe", "name": "lp", "epochs": 3})
-  assert baselines.evaluator_options(block, defaults, "linear_probe") == {"epochs": 3,
+  assert evaluators.evaluator_options(block, defaults, "linear_probe") == {"epochs": 3,
                                                                           "dims": ()}
   block.epoch = 3
   with pytest.raises(ConfigError, match=r"\['epoch'\].*linear_probe.*\['dims', 'epochs'\]"):
-    baselines.evaluator_options(block, defaults, "linear_probe")
+    evaluators.evaluator_options(block, defaults, "linear_probe")
   with pytest.raises(ConfigError, match="multi-hot"):
     baselines.check_single_label(np.zeros((4, 3), np.uint8), "few_shot")

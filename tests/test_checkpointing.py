@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mrl_jax import checkpointing, data, experiment, sharding
+from mrl_jax import checkpointing, config_checks, data, experiment, sharding
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
 from mrl_jax.tools import benchmark_checkpoint
@@ -232,3 +232,72 @@ def test_benchmark_times_async_and_sync_saves_of_the_real_state(tmp_path):
   assert 0 < result["async_blocking_s"] <= result["async_total_s"]
   assert 0 < result["sync_blocking_s"] == result["sync_total_s"]
   assert sorted(os.listdir(tmp_path / "sync" / "checkpoints")) == ["1"]  # keep=1 at work
+
+
+class _FakeClock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+class _NoData:
+  def set_state(self, state):
+    self.state = state
+
+
+def _tiny_state(step, mesh):
+  """A two-leaf sharded train state: a real save of it takes a fraction of a second."""
+  fsdp = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  return {"params": {"w": jax.device_put(np.arange(16, dtype=np.float32) * step, fsdp)},
+          "step": jax.device_put(np.int32(step), jax.sharding.NamedSharding(
+              mesh, jax.sharding.PartitionSpec()))}
+
+
+def test_a_save_every_minutes_of_wall_time_between_step_intervals(tmp_path):
+  config = _config(every_steps=1000, every_minutes=1.0)
+  mesh = sharding.make_mesh(dict(config.mesh, **FSDP8), jax.devices())
+  clock = _FakeClock()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), config, (4, 8), mesh, clock=clock)
+  saved = []
+  for step in range(1, 6):  # 20 s a step: the minute is up at step 3, then at step 6
+    clock.now = 20.0 * step
+    if ckpt.maybe_save(step, _tiny_state(step, mesh), {"position": step}):
+      saved.append(step)
+  ckpt.close()
+  assert saved == [3]  # not before the minute, and the clock restarts at each save
+  assert sorted(n for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == ["3"]
+  reopened = checkpointing.Checkpointer(str(tmp_path), config, (4, 8), mesh, clock=clock)
+  data_iterator = _NoData()
+  state, step = reopened.restore_or_init(_tiny_state(0, mesh), data_iterator)
+  reopened.close()
+  assert step == 3 and data_iterator.state == {"position": 3}
+  np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.arange(16) * 3)
+
+  config.checkpoint.every_minutes = 0.0  # off: only the step interval (and force) save
+  off = checkpointing.Checkpointer(str(tmp_path / "off"), config, (4, 8), mesh, clock=clock)
+  clock.now = 1e6
+  assert not off.maybe_save(4, _tiny_state(4, mesh), {})
+  off.close()
+
+
+def test_with_several_processes_the_time_is_checked_a_few_times_per_interval():
+  """Process 0's clock decides, broadcast at steps every process knows in advance;
+  at a steady pace the checks land on the first step past each deadline."""
+  clock = _FakeClock()
+  trigger = checkpointing._TimeTrigger(10.0, clock, num_processes=2)
+  saves = []
+  for step in range(1, 3001):  # one step a second: 600 steps per 10 minutes
+    clock.now = float(step)
+    if trigger.due(step):
+      trigger.saved()
+      saves.append(step)
+  assert saves == [600, 1200, 1800, 2400, 3000]
+  assert trigger.broadcasts <= 5 * len(saves), trigger.broadcasts  # not one per step
+
+
+def test_a_negative_every_minutes_is_rejected_with_the_fix():
+  config = _config(every_minutes=-1.0)
+  with pytest.raises(ConfigError, match="--config.checkpoint.every_minutes"):
+    config_checks.check_config(config, data_parallel=1)

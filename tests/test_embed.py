@@ -13,17 +13,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mrl_jax import embed, sharding
+from mrl_jax import embeddings, inference, sharding
 
 
 def _write(out_dir, batches, *, dtype, shard_size, capacity):
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
   batch_sharding = sharding.batch_sharding(mesh)
-  writer = embed.ShardWriter(str(out_dir), 0, capacity, shard_size, np.dtype(dtype))
+  writer = embeddings.ShardWriter(str(out_dir), 0, capacity, shard_size, np.dtype(dtype))
   for z, host in batches:
-    writer.add(jax.device_put(z.astype(dtype), batch_sharding), host)
+    writer.add(inference.local_rows(jax.device_put(z.astype(dtype), batch_sharding)), host)
   writer.close()
-  embed.write_index(str(out_dir), 1, {"split": "val", "step": 3, "dtype": dtype})
+  embeddings.write_index(str(out_dir), 1, {"split": "val", "step": 3, "dtype": dtype})
 
 
 def _batches(rng, num_batches, *, multi_label=False, str_ids=False):
@@ -50,7 +50,7 @@ def test_shards_hold_exactly_the_unmasked_rows_in_order(tmp_path, dtype, shard_s
   want_z = np.concatenate([z[k] for (z, _), k in zip(batches, keep)]).astype(dtype)
   want_labels = np.concatenate([h["label"][k] for (_, h), k in zip(batches, keep)])
   want_ids = np.concatenate([h["id"][k] for (_, h), k in zip(batches, keep)])
-  got = embed.read_embeddings(str(tmp_path))
+  got = embeddings.read_embeddings(str(tmp_path))
   assert got.z.dtype == np.dtype(dtype) and got.z.shape == (42, 24)
   np.testing.assert_array_equal(got.z, want_z)
   np.testing.assert_array_equal(got.labels, want_labels)
@@ -66,7 +66,7 @@ def test_shards_hold_exactly_the_unmasked_rows_in_order(tmp_path, dtype, shard_s
 def test_multi_hot_labels_and_string_ids_round_trip(tmp_path):
   batches = _batches(np.random.default_rng(1), 2, multi_label=True, str_ids=True)
   _write(tmp_path, batches, dtype="float32", shard_size=7, capacity=32)
-  got = embed.read_embeddings(str(tmp_path))
+  got = embeddings.read_embeddings(str(tmp_path))
   keep = [h["mask"] == 1 for _, h in batches]
   np.testing.assert_array_equal(
       got.labels, np.concatenate([h["label"][k] for (_, h), k in zip(batches, keep)]))
@@ -76,10 +76,10 @@ def test_multi_hot_labels_and_string_ids_round_trip(tmp_path):
 
 def test_missing_embeddings_and_unknown_splits_say_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError, match="python -m mrl_jax.embed"):
-    embed.read_embeddings(str(tmp_path))
+    embeddings.read_embeddings(str(tmp_path))
   config = ml_collections.ConfigDict({"input": {"source": "digits", "splits": {}},
                                       "embed": {"splits": {"v2": {"source": "folder"}}}})
   with pytest.raises(ValueError, match="config.embed.splits"):
-    embed.split_input_config(config, "imagenet_a")
-  assert embed.split_input_config(config, "v2").source == "folder"
+    inference.split_input_config(config, "imagenet_a")
+  assert inference.split_input_config(config, "v2").source == "folder"
   assert config.input.source == "digits"  # The run's own input config is unchanged.

@@ -3,10 +3,10 @@
 import gzip
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from mrl_jax import data
 from mrl_jax.errors import ConfigError, DataError
 from tests.fashion_folder import IDX_DIR, load_fashion_mnist
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(IDX_DIR),
 
 
 def _input(**overrides):
-  cfg = ml_collections.ConfigDict(dict(source="idx", data_dir="", train_examples=0,
-                                       splits=dict(train="train", val="t10k")))
+  cfg = common.get_base_config().input
+  cfg.update(dict(source="idx", splits=dict(train="train", val="t10k")))
   cfg.update(overrides)
   return cfg
 

@@ -2,21 +2,20 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
+from configs import common
 from mrl_jax import optim
 
 
 def _optim(**kw):
-  base = dict(name="sgd", lr=0.4, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
-              weight_decay=0.0, no_decay=r"pos_embed|cls_token", schedule="cosine",
-              warmup_steps=0, end_lr_fraction=0.0, clip_norm=0.0)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  c = common.get_base_config().optim  # SGD, momentum 0.9, cosine, no warm-up or decay
+  c.update(dict(name="sgd", lr=0.4, no_decay=r"pos_embed|cls_token"))
+  c.update(kw)
+  return c
 
 
 def test_warmup_then_cosine_linear_constant():

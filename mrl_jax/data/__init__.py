@@ -22,7 +22,7 @@ def build_source(input_config: Any, split: str, *, num_classes: int):
   reduced to `input_config.train_examples` examples when that is set."""
   _import_all()
   source = SOURCES.get(input_config.source)(input_config, split, num_classes=num_classes)
-  limit = int(input_config.get("train_examples", 0))
+  limit = int(input_config.train_examples)
   if split == "train" and 0 < limit < len(source):
     source = Subset(source, limit, seed=0)
   return source
@@ -51,7 +51,7 @@ class Subset:
 
 def preprocess_spec(input_config: Any, split: str) -> str:
   """`input.pp_train` / `input.pp_eval`, or the default for `image_size` (and `flip`)."""
-  spec = input_config.get("pp_train" if split == "train" else "pp_eval", "")
+  spec = input_config.pp_train if split == "train" else input_config.pp_eval
   if spec:
     return spec
   size = input_config.image_size
@@ -81,7 +81,7 @@ def normalization(input_config: Any, *, num_classes: int):
   val = build_preprocess(input_config, "val", num_classes=num_classes)
   if (train.mean, train.std) != (val.mean, val.std):
     raise ConfigError(f"Train and eval preprocessing normalise differently "
-                      f"({input_config.get('pp_train')!r} vs {input_config.get('pp_eval')!r}); "
+                      f"({input_config.pp_train!r} vs {input_config.pp_eval!r}); "
                       "use the same normalize(...) in both.")
   return train.mean, train.std
 

@@ -18,7 +18,7 @@ from array_record.python import array_record_data_source
 
 from mrl_jax.data import SOURCES, records
 from mrl_jax.data.folder_source import split_name_for
-from mrl_jax.errors import ConfigError, DataError
+from mrl_jax.errors import ConfigError, DataError, MissingFileError
 
 BUILD_HINT = ("Build the shards with `python -m mrl_jax.tools.build_dataset --input_dir=... "
               "--output_dir=DATA_DIR --split=NAME`, or set --config.input.data_dir / "
@@ -31,24 +31,24 @@ def _resolve(data_dir: str, name: str):
     pattern = name if os.path.isabs(name) else os.path.join(data_dir, name)
     paths = sorted(glob.glob(pattern))
     if not paths:
-      raise FileNotFoundError(f"No files match {pattern}. {BUILD_HINT}")
+      raise MissingFileError(f"No files match {pattern}. {BUILD_HINT}")
     return paths, None
   meta_path = os.path.join(data_dir, f"{name}.json")
   if not os.path.exists(meta_path):
     pattern = os.path.join(data_dir, records.shard_glob(name))
     found = glob.glob(pattern)
     if found:
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"Found {len(found)} shards {pattern} but no metadata {meta_path}: the conversion "
           "did not finish. Re-run build_dataset (it resumes), or read the shards as they are "
           f"with --config.input.splits.<split>='{records.shard_glob(name)}'.")
-    raise FileNotFoundError(f"No metadata {meta_path} and no shards {pattern}. {BUILD_HINT}")
+    raise MissingFileError(f"No metadata {meta_path} and no shards {pattern}. {BUILD_HINT}")
   meta = records.read_metadata(meta_path)
   paths = [os.path.join(data_dir, s["file"]) for s in meta["shards"]]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise FileNotFoundError(f"{len(missing)} shard(s) listed in {meta_path} are missing, e.g. "
-                            f"{missing[0]}. Re-run build_dataset to rebuild them.")
+    raise MissingFileError(f"{len(missing)} shard(s) listed in {meta_path} are missing, e.g. "
+                           f"{missing[0]}. Re-run build_dataset to rebuild them.")
   return paths, meta
 
 
@@ -57,10 +57,10 @@ class ArrayRecordSource:
   """Random access over the records of all shards of one split, in shard order."""
 
   def __init__(self, input_config: Any, split: str, *, num_classes: int):
-    data_dir = os.path.expanduser(input_config.get("data_dir") or "")
+    data_dir = os.path.expanduser(input_config.data_dir)
     name = split_name_for(input_config, split)
     self.num_classes = num_classes
-    self.multi_label = bool(input_config.get("multi_label", False))
+    self.multi_label = bool(input_config.multi_label)
     self._paths, meta = _resolve(data_dir, name)
     with futures.ThreadPoolExecutor(min(32, len(self._paths))) as pool:
       counts = list(pool.map(records.count_records, self._paths))
@@ -72,8 +72,8 @@ class ArrayRecordSource:
     for n in counts:
       self._starts.append(self._starts[-1] + n)
     if not self._starts[-1]:
-      raise FileNotFoundError(f"The shards of split {name!r} in {data_dir} hold no records. "
-                              f"{BUILD_HINT}")
+      raise MissingFileError(f"The shards of split {name!r} in {data_dir} hold no records. "
+                             f"{BUILD_HINT}")
     # "path[0:n]" tells the data source the count, so it does not open every file again.
     self._source = array_record_data_source.ArrayRecordDataSource(
         [f"{p}[0:{n}]" for p, n in zip(self._paths, counts)])

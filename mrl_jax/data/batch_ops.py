@@ -20,7 +20,7 @@ from typing import Any, Dict
 import cv2
 import numpy as np
 
-from mrl_jax.data.preprocess import register_op
+from mrl_jax.data.op_registry import register_op
 from mrl_jax.errors import ConfigError
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from mrl_jax.data import SOURCES
-from mrl_jax.errors import ConfigError
+from mrl_jax.errors import ConfigError, MissingFileError
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
@@ -31,12 +31,12 @@ def _subdirs(path: str) -> List[str]:
 def list_classes(train_dir: str) -> List[str]:
   """The sorted class folder names of a train split folder."""
   if not os.path.isdir(train_dir):
-    raise FileNotFoundError(f"Train split folder {train_dir} does not exist; the classes "
-                            "are its subfolders (layout DIR/train/<class_name>/<images>).")
+    raise MissingFileError(f"Train split folder {train_dir} does not exist; the classes "
+                           "are its subfolders (layout DIR/train/<class_name>/<images>).")
   classes = _subdirs(train_dir)
   if not classes:
-    raise FileNotFoundError(f"{train_dir} has no class subfolders; expected the layout "
-                            f"{train_dir}/<class_name>/<image files>.")
+    raise MissingFileError(f"{train_dir} has no class subfolders; expected the layout "
+                           f"{train_dir}/<class_name>/<image files>.")
   return classes
 
 
@@ -49,8 +49,8 @@ def scan_split(data_dir: str, split_name: str,
   """
   split_dir = os.path.join(data_dir, split_name)
   if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f"Split folder {split_dir} does not exist; {data_dir} has "
-                            f"{_subdirs(data_dir) if os.path.isdir(data_dir) else 'nothing'}.")
+    raise MissingFileError(f"Split folder {split_dir} does not exist; {data_dir} has "
+                           f"{_subdirs(data_dir) if os.path.isdir(data_dir) else 'nothing'}.")
   class_ids = {name: i for i, name in enumerate(class_names)}
   present = _subdirs(split_dir)
   unknown = [c for c in present if c not in class_ids]
@@ -77,7 +77,7 @@ def scan_split(data_dir: str, split_name: str,
     logging.warning("%d class folder(s) of %s have no images: %s", len(empty), split_dir,
                     empty[:10])
   if not paths:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"No images in {split_dir}: expected {split_dir}/<class_name>/<name>.jpg (extensions "
         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case).")
   return paths, np.asarray(labels, np.int32)
@@ -85,8 +85,8 @@ def scan_split(data_dir: str, split_name: str,
 
 def split_name_for(input_config: Any, split: str) -> str:
   """The dataset's name of the pipeline split ("train"/"val"), from `input.splits`."""
-  splits = input_config.get("splits") or {}
-  return str(splits.get(split, split))
+  # A split the mapping does not name (an extra embed split, say) is its own folder.
+  return str(input_config.splits.get(split, split))
 
 
 @SOURCES.register("folder")
@@ -94,14 +94,14 @@ class FolderSource:
   """Encoded images of `{data_dir}/{splits[split]}/{class}/`, labels from folder names."""
 
   def __init__(self, input_config: Any, split: str, *, num_classes: int):
-    data_dir = os.path.expanduser(input_config.get("data_dir") or "")
+    data_dir = os.path.expanduser(input_config.data_dir)
     if not data_dir or not os.path.isdir(data_dir):
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"Image folder {data_dir!r} does not exist; set --config.input.data_dir to a folder "
           "with one subfolder per split and one per class (DIR/train/<class>/<images>).")
     name = split_name_for(input_config, split)
     if not os.path.isdir(os.path.join(data_dir, name)):
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"Split folder {os.path.join(data_dir, name)} does not exist (the {split!r} split); "
           f"{data_dir} has {_subdirs(data_dir)}. Set --config.input.splits.{split}=<folder>.")
     self.data_dir = data_dir
@@ -121,7 +121,7 @@ class FolderSource:
     encoded = [os.fsencode(p) for p in paths]
     self._blob = b"".join(encoded)
     self._ends = np.cumsum([len(p) for p in encoded], dtype=np.int64)
-    self.multi_label = bool(input_config.get("multi_label", False))
+    self.multi_label = bool(input_config.multi_label)
     logging.info("Folder source %s/%s: %d images, %d classes.", data_dir, name, len(paths),
                  self.num_classes_in_data)
 

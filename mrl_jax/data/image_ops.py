@@ -41,8 +41,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from mrl_jax.data.preprocess import CorruptImageError, register_op
-from mrl_jax.errors import ConfigError
+from mrl_jax.data.op_registry import register_op
+from mrl_jax.errors import ConfigError, CorruptImageError
 
 cv2.setNumThreads(1)
 

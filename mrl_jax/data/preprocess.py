@@ -9,6 +9,8 @@ allowed and a bare identifier is a string (`normalize(imagenet)`). The spec is
 parsed with `ast` as one Python expression, so a `|` inside a quoted string
 cannot split it, and no code is run (only +-*/ between numbers, for `3/4`).
 
+The ops live in `image_ops` and `batch_ops`, which register them in
+`op_registry.OPS` (a leaf module, so nothing imports back into this one).
 Example ops map one example dict to a new one (`op(example, rng)`); batch ops
 (registered with `batch=True`: mixup, cutmix) map a host batch and must come
 after every example op. `normalize` is not run on the host: images travel to
@@ -25,10 +27,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+# The op modules register into OPS (mrl_jax.data.op_registry) on import.
+from mrl_jax.data import batch_ops, image_ops  # noqa: F401  pylint: disable=unused-import
+from mrl_jax.data.op_registry import OPS, register_op
 from mrl_jax.errors import ConfigError, CorruptImageError  # noqa: F401  (re-exported)
-from mrl_jax.registry import Registry
-
-OPS = Registry("preprocessing op")
 
 NORMALIZATIONS = {
     "imagenet": ((0.485 * 255, 0.456 * 255, 0.406 * 255),
@@ -36,21 +38,6 @@ NORMALIZATIONS = {
     "minus_one_one": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
 }
 DEFAULT_NORMALIZATION = "minus_one_one"
-
-
-def register_op(name: str, *aliases: str, batch: bool = False):
-  """Registers an op factory under `name` (and aliases) in OPS.
-
-  `batch=True` marks factories whose ops take a whole host batch; parse()
-  keeps those after the example ops. A factory declaring `num_classes`
-  receives it from parse() rather than from the spec.
-  """
-  def decorator(factory):
-    factory.is_batch_op = batch
-    for n in (name,) + aliases:
-      OPS.register(n)(factory)
-    return factory
-  return decorator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +121,6 @@ class Preprocessor:
 
 def parse(spec: str, *, num_classes: int) -> Preprocessor:
   """Builds the Preprocessor of `spec`; every mistake is a ConfigError naming the fix."""
-  # The op modules register into OPS on import (and import this module, hence here).
-  from mrl_jax.data import batch_ops, image_ops  # noqa: F401  pylint: disable=C0415,W0611
   example_ops, batch_op_list, normalization = [], [], None
   for name, args, kwargs in _split_spec(spec):
     factory = OPS.get(name)

@@ -20,10 +20,9 @@ class SyntheticSource:
   def __init__(self, input_config: Any, split: str, *, num_classes: int):
     self.image_size = int(input_config.image_size)
     self.num_classes = num_classes
-    self.multi_label = bool(input_config.get("multi_label", False))
-    sizes = input_config.get("synthetic_sizes", {"train": 10_000, "val": 1_000})
-    self.size = int(sizes[split])
-    self.seed = int(input_config.get("synthetic_seed", 0)) + (0 if split == "train" else 1 << 20)
+    self.multi_label = bool(input_config.multi_label)
+    self.size = int(input_config.synthetic_sizes[split])
+    self.seed = int(input_config.synthetic_seed) + (0 if split == "train" else 1 << 20)
     coarse = np.random.default_rng(1234).integers(
         0, 256, size=(min(num_classes, 1024), 4, 4, 3), dtype=np.uint8)
     self._templates = coarse  # upsampled per example (nearest) to keep memory small

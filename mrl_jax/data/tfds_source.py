@@ -19,7 +19,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from mrl_jax.data import SOURCES
-from mrl_jax.errors import ConfigError
+from mrl_jax.errors import ConfigError, MissingFileError
 
 # The id feature used when the config names none: ImageNet's (and most TFDS
 # image datasets') original file name.
@@ -43,7 +43,7 @@ def _builder(name: str, data_dir: str):
   """The prepared builder of `name` in `data_dir`; clear errors if it is not usable."""
   where = os.path.join(data_dir, name.split(":")[0])
   if not os.path.isdir(where):
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"Dataset {name!r} was not found: looked in {where}. Prepare it there "
         "(see the README's data section), point to it with "
         "--config.input.data_dir=/path/to/tensorflow_datasets, or run the "
@@ -55,7 +55,7 @@ def _builder(name: str, data_dir: str):
     builder = None
   if builder is None or not builder.is_prepared():
     found = ", ".join(sorted(os.listdir(where))) or "nothing"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"No prepared version of dataset {name!r} in {where} (it holds: {found}). "
         "Finish preparing it (see the README's data section), or name a prepared "
         "version with --config.input.tfds_name=NAME:VERSION.")
@@ -175,19 +175,20 @@ class TfdsSource:
   """
 
   def __init__(self, input_config: Any, split: str, *, num_classes: int):
-    tfds_split = dict(input_config.get("splits", {})).get(split, split)
+    # A split the mapping does not name is looked up in the dataset under its own name.
+    tfds_split = input_config.splits.get(split, split)
     self._reader = _Reader(_Spec(
-        name=input_config.tfds_name, data_dir=_data_dir(input_config.get("data_dir")),
-        split=tfds_split, image_key=input_config.get("image_key", "image"),
-        label_key=input_config.get("label_key", "label"),
-        id_key=input_config.get("id_key", None) or None))
+        name=input_config.tfds_name, data_dir=_data_dir(input_config.data_dir),
+        split=tfds_split, image_key=input_config.image_key,
+        label_key=input_config.label_key,
+        id_key=input_config.id_key or None))  # "" → file_name if present, else the index
     name, reader = input_config.tfds_name, self._reader
     if reader.num_classes_in_data > num_classes:
       raise ConfigError(
           f"Dataset {name!r} has {reader.num_classes_in_data} classes but "
           f"config.num_classes={num_classes}; set "
           f"--config.num_classes={reader.num_classes_in_data}.")
-    if reader.multi_label and not input_config.get("multi_label", False):
+    if reader.multi_label and not input_config.multi_label:
       raise ConfigError(
           f"Feature {reader.spec.label_key!r} of dataset {name!r} holds lists of "
           "classes (multi-label); set --config.input.multi_label=True and "

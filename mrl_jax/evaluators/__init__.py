@@ -5,38 +5,35 @@ names instances in `config.evals` (instance name → {"type": registered name,
 "every_steps": N, ...options}) and each is built with its own block:
 
   @EVALUATORS.register("knn")
-  class KnnEvaluator:
-    def __init__(self, eval_config, *, dims, num_classes): ...
+  class KnnEvaluator(Evaluator):
+    DEFAULTS = dict(ks=(1, 10), dims=())        # its options; unknown keys are refused
     def run(self, ctx: EvalContext) -> EvalResult: ...
 
-An `EvalContext` is one evaluation round of one model state: it computes each
-split's embeddings once (through `mrl_jax.embed`, cached on disk under
-`<workdir>/embeddings/step_<N>/<split>`, memory-mapped back) and the trained
-heads' logits once, and every evaluator of the round shares them.
+Evaluators receive functions, never the loop, a checkpoint or a CLI (as
+big_vision's evaluators receive `predict_fns`): the caller of a round builds
+an `EvalContext` from an embed-a-split function and an apply-the-heads
+function (`mrl_jax.inference.RoundFunctions` for a trained run), and every
+evaluator of the round shares the embeddings and logits it computes once.
+`runner.py` runs a round and writes its outputs; `outputs.py` the files.
 """
 
 import dataclasses
-import os
-import shutil
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
-from jax.experimental import multihost_utils
 
-from mrl_jax import embed, sharding
-from mrl_jax.embed import Embeddings
+from mrl_jax.embeddings import Embeddings
 from mrl_jax.errors import ConfigError
 from mrl_jax.registry import Registry
 
 EVALUATORS = Registry("evaluator")
+# Keys of an evals block that belong to the runner, not to the evaluator's options.
+RUNNER_KEYS = ("type", "every_steps", "name")
 
-__all__ = ["EVALUATORS", "Embeddings", "EvalContext", "EvalResult", "build_evaluators",
-           "run_evaluators"]
+__all__ = ["EVALUATORS", "Embeddings", "EvalContext", "EvalResult", "Evaluator",
+           "build_evaluators", "run_evaluators"]
 
 
 @dataclasses.dataclass
@@ -48,83 +45,70 @@ class EvalResult:
   extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
 class EvalContext:
-  """What the evaluators of one round share: the model at `step`, its embeddings, logits.
+  """What the evaluators of one round share: the model at `step` seen through two functions.
 
-  With `keep_embeddings=False` (the training loop) the embeddings this round
-  computed are deleted by `close()`; the standalone CLI keeps them, and reuses
-  embeddings already on disk for the step (e.g. from `python -m mrl_jax.embed`).
+  `embed_split(split)` gives a split's Embeddings (z [N, d], labels, ids) for
+  "train", "val" or a `config.embed.splits` name; `apply_heads(z)` the trained
+  heads' float32 logits [M, N, L] (in `dims` order) of z [N, d]. Each split's
+  embeddings and logits are computed once per round, on first use.
   """
-
-  def __init__(self, run: embed.Run, workdir: str, *, keep_embeddings: bool = True):
-    self.config, self.mesh, self.step = run.config, run.mesh, run.step
-    self.dims: Tuple[int, ...] = tuple(run.dims)
-    self.workdir = workdir
-    self._run = run
-    self._keep = keep_embeddings
-    self._embeddings: Dict[str, Embeddings] = {}
-    self._logits: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
-    self._written: List[str] = []
+  step: int
+  dims: Tuple[int, ...]                            # the trained nesting dims
+  mesh: Any                                        # for evaluators that compute on devices
+  embed_split: Callable[[str], Embeddings]
+  apply_heads: Callable[[np.ndarray], np.ndarray]
+  _embeddings: Dict[str, Embeddings] = dataclasses.field(default_factory=dict, repr=False)
+  _logits: Dict[str, Tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict,
+                                                                        repr=False)
 
   def embeddings(self, split: str) -> Embeddings:
-    """z [N, d], labels, ids of `split` ("train", "val" or a config.embed.splits name)."""
     if split not in self._embeddings:
-      directory = embed.embeddings_dir(self.workdir, self.step, split)
-      if not embed.is_complete(directory):
-        options = self.config.get("embed", {})
-        embed.embed_split(self._run, split, directory,
-                          dtype=options.get("dtype", "float32"),
-                          shard_size=options.get("shard_size", 0),
-                          batch_size=options.get("batch_size", 0))
-        self._written.append(directory)
-      self._embeddings[split] = embed.read_embeddings(directory)
+      self._embeddings[split] = self.embed_split(split)
     return self._embeddings[split]
 
   def logits(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """(float32 logits [M, N, L] of the trained heads, in `dims` order; labels [N])."""
     if split not in self._logits:
       emb = self.embeddings(split)
-      self._logits[split] = (self._apply_head(emb.z), np.asarray(emb.labels))
+      self._logits[split] = (self.apply_heads(emb.z), np.asarray(emb.labels))
     return self._logits[split]
 
-  def _apply_head(self, z: np.ndarray) -> np.ndarray:
-    batch_sharding = sharding.batch_sharding(self.mesh)
-    if "head" not in self._run.compiled:
-      graphdef = self._run.graphdef
 
-      def head(state, z):
-        model = nnx.merge(graphdef, state["params"], state["model_state"], copy=True)
-        return model.head(z.astype(jnp.float32)).astype(jnp.float32)
+class Evaluator:
+  """Base of the registered evaluators: `options` is the instance's config block over the
+  class's `DEFAULTS` (an unknown key, such as a typo, is refused); `name` the instance
+  name (`config.evals.<name>`); `trained_dims` the model's nesting dims."""
+  DEFAULTS: Mapping[str, Any] = {}
 
-      self._run.compiled["head"] = jax.jit(
-          head, in_shardings=(self._run.state_shardings, batch_sharding),
-          out_shardings=sharding.replicated(self.mesh))
-    head_fn = self._run.compiled["head"]
-    block = _round_up(self.config.input.eval_batch_size, sharding.data_parallel_size(self.mesh))
-    out = []
-    for start in range(0, len(z), block):
-      rows = np.asarray(z[start:start + block], np.float32)
-      padded = np.zeros((block, z.shape[1]), np.float32)
-      padded[:len(rows)] = rows
-      array = jax.make_array_from_callback(padded.shape, batch_sharding,
-                                           lambda index, p=padded: p[index])
-      out.append(np.asarray(head_fn(self._run.state, array))[:, :len(rows)])
-    return np.concatenate(out, axis=1)
+  def __init__(self, eval_config: Mapping[str, Any], *, dims: Sequence[int], num_classes: int):
+    kind = EVALUATORS.name_of(type(self))
+    self.name = eval_config.get("name") or kind
+    self.options = evaluator_options(eval_config, self.DEFAULTS, kind)
+    self.trained_dims = tuple(int(m) for m in dims)
+    self.num_classes = num_classes
 
-  def close(self) -> None:
-    """Deletes the embeddings this round wrote, unless they are kept."""
-    self._embeddings.clear()
-    self._logits.clear()
-    if self._keep or not self._written:
-      return
-    if jax.process_count() > 1:  # Every process is done with the files.
-      multihost_utils.sync_global_devices(f"mrl_jax_eval_done_{self.step}")
-    if jax.process_index() == 0:
-      for directory in self._written:
-        shutil.rmtree(directory, ignore_errors=True)
-        for parent in (os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
-          if os.path.isdir(parent) and not os.listdir(parent):
-            os.rmdir(parent)
+  def run(self, ctx: EvalContext) -> EvalResult:
+    raise NotImplementedError
+
+  def check_trained(self, dims: Sequence[int]) -> None:
+    """Refuses dims without a trained head (for evaluators that read the heads)."""
+    missing = sorted(set(dims) - set(self.trained_dims))
+    if missing:
+      raise ConfigError(f"{self.name}: dims {missing} have no trained head (trained: "
+                        f"{list(self.trained_dims)}); use a subset of those.")
+
+
+def evaluator_options(eval_config: Mapping, defaults: Mapping[str, Any],
+                      evaluator: str) -> Dict[str, Any]:
+  """The evaluator's options: its block over `defaults`, rejecting unknown keys (a typo
+  such as `learing_rate` would otherwise silently run with the default)."""
+  unknown = sorted(set(eval_config) - set(defaults) - set(RUNNER_KEYS))
+  if unknown:
+    raise ConfigError(f"Unknown option(s) {unknown} for the {evaluator} evaluator in "
+                      f"config.evals; its options are {sorted(defaults)}.")
+  return {key: eval_config.get(key, value) for key, value in defaults.items()}
 
 
 def build_evaluators(config: Any, *, dims: Sequence[int],
@@ -134,7 +118,7 @@ def build_evaluators(config: Any, *, dims: Sequence[int],
   Each evaluator gets its block with `name` set to the instance name.
   """
   _import_all()
-  evals = config.get("evals") or {}
+  evals = config.evals
   unknown = sorted(set(only or ()) - set(evals))
   if unknown:
     raise ConfigError(f"No evaluator named {unknown} in config.evals (it has "
@@ -172,10 +156,6 @@ def run_evaluators(ctx: EvalContext, evaluators: Dict[str, Any]) -> List[EvalRes
     logging.info("eval %s @ step %d (%.1fs): %s %% %s", name, ctx.step,
                  result.extra["seconds"], first or "", summary)
   return results
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
 
 
 def _import_all() -> None:

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from mrl_jax.errors import ConfigError
-from mrl_jax.evaluators import EVALUATORS, EvalResult, baselines
+from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator, baselines
 
 DEFAULT_PENALTIES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 DEFAULTS = dict(holdout_fraction=0.2, num_seeds=30, penalties=DEFAULT_PENALTIES,
@@ -145,23 +145,18 @@ def softmax_confidence(logits: np.ndarray, labels: np.ndarray):
 
 
 @EVALUATORS.register("adaptive_classification")
-class AdaptiveClassificationEvaluator:
+class AdaptiveClassificationEvaluator(Evaluator):
   """Options: holdout_fraction, num_seeds, penalties (the λ sweep), num_thresholds,
   passes, split (whose trained-head logits to use), dims (() → all trained dims,
   otherwise a subset of them)."""
 
+  DEFAULTS = DEFAULTS
+
   def __init__(self, eval_config: ml_collections.ConfigDict, *, dims: Sequence[int],
                num_classes: int):
-    del num_classes  # The heads' logits carry it.
-    self.options = baselines.evaluator_options(eval_config, DEFAULTS,
-                                               "adaptive_classification")
-    self.trained_dims = tuple(int(m) for m in dims)
+    super().__init__(eval_config, dims=dims, num_classes=num_classes)
     self.dims = tuple(int(m) for m in (self.options["dims"] or dims))
-    missing = sorted(set(self.dims) - set(self.trained_dims))
-    if missing:
-      raise ConfigError(f"adaptive_classification dims {missing} have no trained head "
-                        f"(trained: {self.trained_dims}); use a subset of those.")
-    self.name = eval_config.get("name", "adaptive_classification")
+    self.check_trained(self.dims)
 
   def run(self, ctx) -> EvalResult:
     o = self.options

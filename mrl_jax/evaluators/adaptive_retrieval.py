@@ -13,14 +13,13 @@ nesting dims below D_r) at fixed D_r and K: the paper's adaptive-retrieval
 curve. Queries/s are measured on the devices after a compiling warm-up batch.
 """
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import jax
-import ml_collections
 import numpy as np
 
 from mrl_jax.errors import ConfigError
-from mrl_jax.evaluators import EVALUATORS, EvalResult, baselines, neighbors
+from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator, baselines, neighbors
 from mrl_jax.evaluators import retrieval_metrics, search, shortlist
 
 PAPER_FUNNEL_DIMS = (16, 32, 64, 128, 256)  # then the full width
@@ -40,7 +39,7 @@ def default_funnel(width: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
 
 
 @EVALUATORS.register("adaptive_retrieval")
-class AdaptiveRetrievalEvaluator:
+class AdaptiveRetrievalEvaluator(Evaluator):
   """Options: ks (cut-offs of mAP@k and overlap@k), shortlist_dim, rerank_dim, shortlist_k,
   funnel_dims, funnel_ks, dims (shortlist dims swept), features, database_split,
   query_split, max_train_examples, block_size, query_batch, seed.
@@ -50,12 +49,7 @@ class AdaptiveRetrievalEvaluator:
   ks); extra["mflops"] and extra["queries_per_sec"] are the per-dim sweep's.
   """
 
-  def __init__(self, eval_config: ml_collections.ConfigDict, *, dims: Sequence[int],
-               num_classes: int):
-    self.options = baselines.evaluator_options(eval_config, DEFAULTS, "adaptive_retrieval")
-    self.trained_dims = tuple(dims)
-    self.num_classes = num_classes
-    self.name = eval_config.get("name", "adaptive_retrieval")
+  DEFAULTS = DEFAULTS
 
   def run(self, ctx) -> EvalResult:
     o = self.options

@@ -7,7 +7,7 @@ random. Every frozen-feature evaluator (linear probe, few-shot, k-NN,
 retrieval) takes an option `features: "prefix" | "svd" | "random"` and gets its
 features through `Features` (or the one-shot `features_at_dim`), so each table
 can be filled for all three. The few helpers these evaluators share (row
-subsets, option checking) live here too.
+subsets, the single-label check) live here too.
 
 All three methods are *nested*: the features at m are the first m columns of
 the features at any m' > m (the singular vectors are sorted by singular value,
@@ -19,7 +19,7 @@ train matrix) and is fitted from the d×d Gram matrix accumulated over row
 blocks, so a 1.28M × 2048 float16 memmap is never copied whole.
 """
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -27,8 +27,6 @@ from mrl_jax.errors import ConfigError
 
 METHODS = ("prefix", "svd", "random")
 _BLOCK_ROWS = 65536
-# Keys of an evals block that belong to the runner, not to the evaluator's options.
-RUNNER_KEYS = ("type", "every_steps", "name")
 
 
 def _blocks(n: int):
@@ -127,17 +125,6 @@ def subsample(num_rows: int, max_rows: int, seed: int = 0) -> np.ndarray:
   if max_rows <= 0 or max_rows >= num_rows:
     return np.arange(num_rows)
   return np.sort(np.random.default_rng(seed).choice(num_rows, max_rows, replace=False))
-
-
-def evaluator_options(eval_config: Mapping, defaults: Dict[str, Any],
-                      evaluator: str) -> Dict[str, Any]:
-  """The evaluator's options: its block over `defaults`, rejecting unknown keys (a typo
-  such as `learing_rate` would otherwise silently run with the default)."""
-  unknown = sorted(set(eval_config) - set(defaults) - set(RUNNER_KEYS))
-  if unknown:
-    raise ConfigError(f"Unknown option(s) {unknown} for the {evaluator} evaluator in "
-                      f"config.evals; its options are {sorted(defaults)}.")
-  return {key: eval_config.get(key, value) for key, value in defaults.items()}
 
 
 def check_single_label(labels: np.ndarray, evaluator: str) -> None:

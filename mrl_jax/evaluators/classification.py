@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mrl_jax.errors import ConfigError
-from mrl_jax.evaluators import EVALUATORS, EvalResult
+from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator
 
 _CHUNK = 4096  # examples per device call: bounds the [M, chunk, L] logits on the device
 
@@ -66,22 +66,23 @@ def masked_topk_hits(logits: jax.Array, labels: jax.Array, class_mask: jax.Array
 
 
 @EVALUATORS.register("classification")
-class ClassificationEvaluator:
-  """Accuracy of the model's own heads (no training); see the module docstring."""
+class ClassificationEvaluator(Evaluator):
+  """Accuracy of the model's own heads (no training); see the module docstring.
+
+  Options: split, class_subset (a named subset or class ids; () → all), dims
+  (() → every trained head).
+  """
+
+  DEFAULTS = dict(split="val", class_subset=(), dims=())
 
   def __init__(self, eval_config: ml_collections.ConfigDict, *, dims: Sequence[int],
                num_classes: int):
-    self.name = eval_config.get("name", "classification")
-    self.split = eval_config.get("split", "val")
-    subset = eval_config.get("class_subset", ())
+    super().__init__(eval_config, dims=dims, num_classes=num_classes)
+    self.split = self.options["split"]
+    subset = self.options["class_subset"]
     self.class_subset = subset if isinstance(subset, str) else tuple(subset)
-    self.num_classes = num_classes
-    self.trained_dims = tuple(int(m) for m in dims)
-    self.dims = tuple(int(m) for m in (eval_config.get("dims", ()) or dims))
-    missing = sorted(set(self.dims) - set(self.trained_dims))
-    if missing:
-      raise ConfigError(f"{self.name}: dims {missing} have no trained head (trained: "
-                        f"{list(self.trained_dims)}); use a subset of those.")
+    self.dims = tuple(int(m) for m in (self.options["dims"] or dims))
+    self.check_trained(self.dims)
 
   def run(self, ctx) -> EvalResult:
     logits, labels = ctx.logits(self.split)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mrl_jax.evaluators import EVALUATORS, EvalResult
+from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator
 from mrl_jax.evaluators import baselines
 
 BIAS_CONSTANT = 100.0
@@ -99,7 +99,7 @@ def fewshot_accuracy(features: baselines.Features, train_labels: np.ndarray,
 
 
 @EVALUATORS.register("few_shot")
-class FewShotEvaluator:
+class FewShotEvaluator(Evaluator):
   """Options: shots, num_seeds, l2_reg, features ("prefix" | "svd" | "random"),
   dims (() → trained), batch_size (val rows per prediction call),
   max_train_examples (0 → shots are drawn from all of train), seed (of the
@@ -109,12 +109,12 @@ class FewShotEvaluator:
   Metrics "<n>shot" per dim are means over seeds; extra["std"] holds the stds.
   """
 
+  DEFAULTS = DEFAULTS
+
   def __init__(self, eval_config: ml_collections.ConfigDict, *, dims: Sequence[int],
                num_classes: int):
-    self.options = baselines.evaluator_options(eval_config, DEFAULTS, "few_shot")
+    super().__init__(eval_config, dims=dims, num_classes=num_classes)
     self.dims = tuple(int(m) for m in (self.options["dims"] or dims))
-    self.num_classes = num_classes
-    self.name = eval_config.get("name", "few_shot")
 
   def run(self, ctx) -> EvalResult:
     o = self.options

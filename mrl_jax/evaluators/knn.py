@@ -8,12 +8,11 @@ multi-hot labels a neighbour votes for each of its classes, and a prediction
 is correct when the query has the predicted class (precision@1).
 """
 
-from typing import Optional, Sequence
+from typing import Optional
 
-import ml_collections
 import numpy as np
 
-from mrl_jax.evaluators import EVALUATORS, EvalResult, baselines, neighbors
+from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator, neighbors
 
 DEFAULTS = dict(neighbors.SEARCH_DEFAULTS, ks=(1, 10, 20))
 _VOTE_ROWS = 4096  # queries voted at once: bounds the [rows, classes] vote table
@@ -47,18 +46,13 @@ def knn_accuracy(neighbor_labels: np.ndarray, query_labels: np.ndarray,
 
 
 @EVALUATORS.register("knn")
-class KnnEvaluator:
+class KnnEvaluator(Evaluator):
   """Options: ks (neighbour counts; metric "<k>nn_top1" each), dims (() → trained),
   features ("prefix" | "svd" | "random"), database_split, query_split,
   max_train_examples (0 → all of the database split), block_size, query_batch, seed.
   """
 
-  def __init__(self, eval_config: ml_collections.ConfigDict, *, dims: Sequence[int],
-               num_classes: int):
-    self.options = baselines.evaluator_options(eval_config, DEFAULTS, "knn")
-    self.trained_dims = tuple(dims)
-    self.num_classes = num_classes
-    self.name = eval_config.get("name", "knn")
+  DEFAULTS = DEFAULTS
 
   def run(self, ctx) -> EvalResult:
     o = self.options

@@ -28,7 +28,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from mrl_jax import sharding
-from mrl_jax.evaluators import EVALUATORS, EvalResult
+from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator
 from mrl_jax.evaluators import baselines
 
 DEFAULTS = dict(epochs=10, batch_size=1024, learning_rate=0.05, weight_decay=1e-4, seed=0,
@@ -161,16 +161,16 @@ def probe_accuracy(params: Dict[str, Any], features: baselines.Features, split: 
 
 
 @EVALUATORS.register("linear_probe")
-class LinearProbeEvaluator:
+class LinearProbeEvaluator(Evaluator):
   """Options: epochs, batch_size, learning_rate, weight_decay, seed, features
   ("prefix" | "svd" | "random"), max_train_examples (0 → all), dims (() → trained)."""
 
+  DEFAULTS = DEFAULTS
+
   def __init__(self, eval_config: ml_collections.ConfigDict, *, dims: Sequence[int],
                num_classes: int):
-    self.options = baselines.evaluator_options(eval_config, DEFAULTS, "linear_probe")
+    super().__init__(eval_config, dims=dims, num_classes=num_classes)
     self.dims = tuple(int(m) for m in (self.options["dims"] or dims))
-    self.num_classes = num_classes
-    self.name = eval_config.get("name", "linear_probe")
 
   def run(self, ctx) -> EvalResult:
     o = self.options

@@ -29,6 +29,7 @@ import numpy as np
 
 from mrl_jax import report
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
+from mrl_jax.errors import MissingFileError
 
 Series = Dict[str, Tuple[List[float], List[float]]]  # label → (x, y)
 
@@ -102,8 +103,8 @@ def load_runs(compare: Mapping[str, Sequence[str]]) -> Dict[str, Dict[str, Serie
     for workdir in workdirs:
       path = os.path.join(workdir, "eval", "latest.json")
       if not os.path.exists(path):
-        raise FileNotFoundError(f"--compare {label}={workdir}: {path} does not exist; run "
-                                f"python -m mrl_jax.evaluate on that run first.")
+        raise MissingFileError(f"--compare {label}={workdir}: {path} does not exist; run "
+                               f"python -m mrl_jax.evaluate on that run first.")
       with open(path, encoding="utf-8") as f:
         for r in json.load(f)["results"]:
           for key, values in r["metrics"].items():

@@ -7,11 +7,7 @@ database counts), renamed mAP@k since they are means of AP@k over queries.
 Also reports "top1": the 1-NN accuracy, free from the same neighbours.
 """
 
-from typing import Sequence
-
-import ml_collections
-
-from mrl_jax.evaluators import EVALUATORS, EvalResult, baselines, neighbors
+from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator, baselines, neighbors
 from mrl_jax.evaluators import retrieval_metrics
 
 DEFAULTS = dict(neighbors.SEARCH_DEFAULTS, ks=retrieval_metrics.DEFAULT_KS)
@@ -23,17 +19,12 @@ def metric_name(key: str) -> str:
 
 
 @EVALUATORS.register("retrieval")
-class RetrievalEvaluator:
+class RetrievalEvaluator(Evaluator):
   """Options: ks (cut-offs), dims (() → trained), features ("prefix" | "svd" | "random"),
   database_split, query_split, max_train_examples (0 → all), block_size, query_batch, seed.
   """
 
-  def __init__(self, eval_config: ml_collections.ConfigDict, *, dims: Sequence[int],
-               num_classes: int):
-    self.options = baselines.evaluator_options(eval_config, DEFAULTS, "retrieval")
-    self.trained_dims = tuple(dims)
-    self.num_classes = num_classes
-    self.name = eval_config.get("name", "retrieval")
+  DEFAULTS = DEFAULTS
 
   def run(self, ctx) -> EvalResult:
     o = self.options

@@ -15,18 +15,16 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import flax
 import jax
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mrl_jax import checkpointing, experiment, sharding
-from mrl_jax.errors import ConfigError
+from mrl_jax import checkpointing, cli, experiment, sharding
 
 FLAGS = flags.FLAGS
 
@@ -80,8 +78,6 @@ def main(argv):
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_checkpoint_")
   try:
     result = benchmark(FLAGS.config, FLAGS.repeats, workdir)
-  except (ConfigError, checkpointing.CheckpointError) as e:
-    sys.exit(f"error: {e}")
   finally:
     if not FLAGS.workdir:
       shutil.rmtree(workdir, ignore_errors=True)
@@ -94,4 +90,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

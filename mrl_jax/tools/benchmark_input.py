@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List
 
@@ -35,10 +34,12 @@ import cv2
 import numpy as np
 import PIL
 import simplejpeg
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
+from mrl_jax import cli
 from mrl_jax.data import image_ops, preprocess
+from mrl_jax.errors import MissingFileError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 200, "JPEGs to generate (or to read from --image_dir).")
@@ -88,8 +89,8 @@ def load_images(image_dir: str, num_images: int, quality: int = 90, seed: int = 
   paths = sorted(p for p in glob.glob(os.path.join(image_dir, "**", "*"), recursive=True)
                  if p.lower().endswith((".jpg", ".jpeg")))[:num_images]
   if not paths:
-    raise FileNotFoundError(f"No .jpg/.jpeg files under --image_dir={image_dir}; point it at "
-                            "a folder of JPEGs or leave it empty to generate some.")
+    raise MissingFileError(f"No .jpg/.jpeg files under --image_dir={image_dir}; point it at "
+                           "a folder of JPEGs or leave it empty to generate some.")
   images = []
   for path in paths:
     with open(path, "rb") as f:
@@ -225,10 +226,7 @@ def benchmark(images: List[bytes], passes: int) -> dict:
 
 def main(argv):
   del argv
-  try:
-    images = load_images(FLAGS.image_dir, FLAGS.num_images, FLAGS.quality)
-  except FileNotFoundError as e:
-    sys.exit(f"error: {e}")
+  images = load_images(FLAGS.image_dir, FLAGS.num_images, FLAGS.quality)
   result = benchmark(images, FLAGS.passes)
   if FLAGS.workers > 0:
     result["pipeline_img_per_sec"] = pipeline_rates(images, FLAGS.workers,
@@ -254,4 +252,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

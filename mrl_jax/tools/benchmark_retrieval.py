@@ -22,9 +22,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from mrl_jax import sharding
+from mrl_jax import cli, sharding
 from mrl_jax.evaluators import retrieval_metrics, search, shortlist
 
 FLAGS = flags.FLAGS
@@ -145,4 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

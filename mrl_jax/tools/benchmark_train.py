@@ -10,17 +10,15 @@ the figures.
 """
 
 import json
-import sys
 import time
 
 import flax
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mrl_jax import config_checks, experiment, sharding
-from mrl_jax.errors import ConfigError
+from mrl_jax import cli, config_checks, experiment, sharding
 
 FLAGS = flags.FLAGS
 
@@ -72,13 +70,10 @@ def benchmark(config, num_steps: int, warmup: int) -> dict:
 
 def main(argv):
   del argv
-  try:
-    result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
+  result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)
   print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

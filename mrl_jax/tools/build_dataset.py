@@ -28,12 +28,13 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from array_record.python import array_record_module
 from PIL import Image
 
+from mrl_jax import cli
 from mrl_jax.data import records
-from mrl_jax.errors import ConfigError, DataError
+from mrl_jax.errors import ConfigError, MissingFileError
 from mrl_jax.tools import dataset_inputs
 
 FLAGS = flags.FLAGS
@@ -282,7 +283,7 @@ def _inputs_from_flags() -> Tuple[dataset_inputs.Inputs, Optional[str]]:
     raise ConfigError("Set --input_dir (an image folder) or --from_tfds (a TFDS dataset).")
   input_dir = os.path.abspath(FLAGS.input_dir)
   if not os.path.isdir(input_dir):
-    raise FileNotFoundError(f"--input_dir {input_dir} does not exist.")
+    raise MissingFileError(f"--input_dir {input_dir} does not exist.")
   output_dir = os.path.realpath(FLAGS.output_dir)
   if os.path.commonpath([output_dir, os.path.realpath(input_dir)]) == os.path.realpath(
       input_dir):
@@ -295,20 +296,16 @@ def _inputs_from_flags() -> Tuple[dataset_inputs.Inputs, Optional[str]]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)  # The progress messages are the point of a CLI.
-  try:
-    if FLAGS.num_shards is None:
-      raise ConfigError("Set --num_shards (e.g. ~1000 images per shard).")
-    inputs, input_dir = _inputs_from_flags()
-    summary = convert(inputs, FLAGS.split, FLAGS.output_dir, FLAGS.num_shards, FLAGS.workers,
-                      input_dir)
-  except (ConfigError, DataError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  if FLAGS.num_shards is None:
+    raise ConfigError("Set --num_shards (e.g. ~1000 images per shard).")
+  inputs, input_dir = _inputs_from_flags()
+  summary = convert(inputs, FLAGS.split, FLAGS.output_dir, FLAGS.num_shards, FLAGS.workers,
+                    input_dir)
   print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -28,20 +28,17 @@ import csv
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
-from mrl_jax import errors, experiment, train
+from mrl_jax import cli, experiment, train
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import outputs
-from mrl_jax.fault_tolerance import Preempted
 
 STUDIES = ("methods", "representations")
 # (evaluator instance, metric, row label) of the table, in order.
@@ -324,29 +321,17 @@ def compare(base, workdir: str, study: str = "methods",
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "Experiment config (path[:variant]).",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory of the study: one subfolder per run.")
+  cli.define_config_flags("Directory of the study: one subfolder per run.")
   flags.DEFINE_enum("study", "methods", list(STUDIES), "Which comparison to run.")
   flags.DEFINE_list("only", [], "Train/report only these runs (by folder name).")
-  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  try:
-    compare(FLAGS.config, FLAGS.workdir, FLAGS.study, FLAGS.only)
-  except Preempted as e:  # The run in progress saved; the same command resumes it.
-    logging.warning("%s", e)
-    sys.exit(0)
-  except errors.USER_ERRORS as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  compare(FLAGS.config, FLAGS.workdir, FLAGS.study, FLAGS.only)
 
 
 if __name__ == "__main__":
   _define_flags()
-  jax.config.config_with_absl()
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,7 @@ import os
 from typing import Any, List, Optional, Tuple
 
 from mrl_jax.data import folder_source, records
-from mrl_jax.errors import ConfigError
+from mrl_jax.errors import ConfigError, MissingFileError
 
 
 @dataclasses.dataclass
@@ -37,9 +37,9 @@ def folder_inputs(input_dir: str, split: str, output_dir: str) -> Inputs:
     except FileNotFoundError as e:
       if split == "train":
         raise
-      raise FileNotFoundError(f"Split {split!r} takes its class ids from the train split, but "
-                              f"there is neither {train_meta} nor a train folder ({e}). Build "
-                              "the train split first.") from None
+      raise MissingFileError(f"Split {split!r} takes its class ids from the train split, but "
+                             f"there is neither {train_meta} nor a train folder ({e}). Build "
+                             "the train split first.") from None
   paths, labels = folder_source.scan_split(input_dir, split, class_names)
   return Inputs(source=f"folder {os.path.realpath(os.path.join(input_dir, split))}",
                 num_examples=len(paths), items=list(zip(paths, labels.tolist())),
