@@ -73,7 +73,9 @@ def get_base_config():
   c.microbatches = 1        # gradient accumulation: slices of the global batch per step
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-  # (regex, spec) searched against train-state paths; see mrl_jax/sharding.py.
+  # (regex, spec) searched against train-state paths; see mrl_jax/sharding.py. The
+  # classifier's class dim goes over 'model' (cheap when classes are many, a no-op at
+  # model=1), everything else over 'fsdp' (replicated at fsdp=1).
   c.sharding_rules = ((r"(^|/)head/.*kernel$", (None, "model")),
                       (r"(^|/)head/.*bias$", ("model",)),
                       (r".*", "fsdp"))
@@ -136,6 +138,28 @@ def add_baseline_evals(c, kinds, methods=("svd", "random")):
       entry.features = method
       entry.dims = c.mrl.get_ref("nesting")
       c.evals[f"{kind}_{method}"] = entry
+  return c
+
+
+def apply_variants(c, variants, *, runlocal_overrides=None, runlocal_image_size=32,
+                   synthetic_sizes=None):
+  """The `:synthetic` and `:runlocal` variants of every config, in one place.
+
+  synthetic: generated images of the same shape and classes instead of the dataset
+    (optionally `synthetic_sizes` = (train, val) examples), read in-process.
+  runlocal: `runlocal_overrides` ({"model.variant": "18", ...}: a small model of the
+    same family, and "input.source": "synthetic" where the data is not on every
+    machine), then `runlocal()`: seconds on a CPU.
+  """
+  if "synthetic" in variants:
+    c.input.source = "synthetic"
+    c.input.workers = 0
+    if synthetic_sizes:
+      c.input.synthetic_sizes.train, c.input.synthetic_sizes.val = synthetic_sizes
+  if "runlocal" in variants:
+    c.update_from_flattened_dict(dict(runlocal_overrides or {}))
+    c.input.workers = 0
+    runlocal(c, image_size=runlocal_image_size)
   return c
 
 

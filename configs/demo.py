@@ -42,9 +42,5 @@ def get_config(arg=None):
   # 1,438 rows are 2 mini-batches: 100 epochs give the probes 200 steps.
   c.evals.linear_probe.epochs = 100
   common.add_baseline_evals(c, ("knn",))
-  if "synthetic" in variants:
-    c.input.source = "synthetic"
-    c.input.synthetic_sizes.train, c.input.synthetic_sizes.val = 1_440, 360
-  if "runlocal" in variants:
-    common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
-  return c
+  # runlocal keeps the real digits (bundled with scikit-learn, on every machine).
+  return common.apply_variants(c, variants, synthetic_sizes=(1_440, 360))

@@ -54,9 +54,6 @@ def get_config(arg=None):
   c.evals.knn.ks = (1, 10)
   c.evals.linear_probe.epochs = 5
   common.add_baseline_evals(c, ("knn", "linear_probe"))
-  if "synthetic" in variants:
-    c.input.source = "synthetic"
-    c.input.synthetic_sizes.train, c.input.synthetic_sizes.val = 2_000, 500
-  if "runlocal" in variants:
-    common.runlocal(c, image_size=28, batch_size=16, total_steps=4)
-  return c
+  # runlocal keeps the real images where Debian's dataset-fashion-mnist is installed.
+  return common.apply_variants(c, variants, runlocal_image_size=28,
+                               synthetic_sizes=(2_000, 500))

@@ -44,15 +44,8 @@ def get_config(arg=None):
   c.eval_every = 2 * IMAGENET_TRAIN // 512
   common.add_evals(c, ("classification", "knn", "retrieval", "adaptive_classification",
                        "adaptive_retrieval"))
-  if "synthetic" in variants:
-    c.input.source = "synthetic"
-    c.input.workers = 0
-  if "runlocal" in variants:
-    c.model.variant = "18"
-    c.model.dtype = "float32"
-    c.mrl.nesting = (8, 16, 32, 64, 128, 256, 512)
-    c.input.source = "synthetic"
-    c.input.workers = 0
-    c.num_classes = 10
-    common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
+  common.apply_variants(c, variants, runlocal_overrides={
+      "model.variant": "18", "model.dtype": "float32",
+      "mrl.nesting": (8, 16, 32, 64, 128, 256, 512), "input.source": "synthetic",
+      "num_classes": 10})
   return common.inception_specs(c)

@@ -43,18 +43,10 @@ def get_config(arg=None):
   c.eval_every = 5 * IMAGENET_TRAIN // 1024
   common.add_evals(c, ("classification", "knn", "retrieval", "adaptive_classification",
                        "adaptive_retrieval"))
-  if "synthetic" in variants:
-    c.input.source = "synthetic"
-    c.input.workers = 0
-  if "runlocal" in variants:
-    c.model.variant = "mu/4"
-    c.model.dtype = "float32"
-    c.model.options.stochastic_depth = 0.0
-    c.mrl.nesting = (4, 8, 16, 32)
-    c.input.source = "synthetic"
-    c.input.workers = 0
-    c.num_classes = 10
-    common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
+  common.apply_variants(c, variants, runlocal_overrides={
+      "model.variant": "mu/4", "model.dtype": "float32",
+      "model.options.stochastic_depth": 0.0, "mrl.nesting": (4, 8, 16, 32),
+      "input.source": "synthetic", "num_classes": 10})
   common.inception_specs(c)
   c.input.pp_train += "|mixup_cutmix(0.8, 1.0, 0.5)"  # DeiT's mixup/cutmix, per batch
   return c

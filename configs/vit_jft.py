@@ -42,15 +42,7 @@ def get_config(arg=None):
   c.log_every = 100
   c.eval_every = 10_000
   common.add_evals(c, ("classification", "knn"))
-  if "synthetic" in variants:
-    c.input.source = "synthetic"
-    c.input.workers = 0
-  if "runlocal" in variants:
-    c.model.variant = "mu/4"
-    c.model.dtype = "float32"
-    c.mrl.nesting = (4, 8, 16, 32)
-    c.input.source = "synthetic"
-    c.input.workers = 0
-    c.num_classes = 100
-    common.runlocal(c, image_size=32, batch_size=16, total_steps=4)
+  common.apply_variants(c, variants, runlocal_overrides={
+      "model.variant": "mu/4", "model.dtype": "float32", "mrl.nesting": (4, 8, 16, 32),
+      "input.source": "synthetic", "num_classes": 100})
   return common.inception_specs(c)

@@ -3,7 +3,7 @@
 import math
 from typing import Any, List
 
-from mrl_jax import mrl, optim
+from mrl_jax import experiment, mrl, optim
 from mrl_jax.errors import ConfigError
 
 
@@ -24,10 +24,8 @@ def check_config(config: Any, data_parallel: int) -> None:
   if (config.total_steps > 0) == (config.num_epochs > 0):
     add(f"Set exactly one of total_steps ({config.total_steps}) and num_epochs "
         f"({config.num_epochs}) to a positive value; set the other to 0.")
-  weights, nesting = tuple(config.mrl.weights), tuple(config.mrl.nesting)
-  if weights and config.mrl.mode in ("mrl", "mrl_e") and nesting and len(weights) != len(nesting):
-    add(f"mrl.weights has {len(weights)} entries for {len(nesting)} nesting dims "
-        f"{nesting}; give one weight per dim, or () for all ones.")
+  if config.mrl.mode in mrl.HEAD_MODES:
+    _check_head(config, add)
   batch, micro = config.input.batch_size, config.microbatches
   if micro < 1 or batch % micro:
     add(f"input.batch_size={batch} must be divisible by microbatches={micro}.")
@@ -48,6 +46,28 @@ def check_config(config: Any, data_parallel: int) -> None:
         "(e.g. 10), or to 0 to save by step count only (checkpoint.every_steps).")
   if problems:
     raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _check_head(config: Any, add) -> None:
+  """The nesting list, FF-k's k and the loss weights against the embedding width d."""
+  if config.model.neck_dim < 0:
+    add(f"model.neck_dim={config.model.neck_dim} must be 0 (no neck) or positive.")
+    return
+  try:  # An unknown model name or variant is reported here too.
+    width = experiment.embedding_width(config)
+  except ConfigError as e:
+    add(str(e))
+    return
+  try:
+    nesting = experiment.resolve_nesting(config, width)
+    dims = mrl.head_dims(config.mrl.mode, nesting, width, config.mrl.ff_dim)
+  except ConfigError as e:
+    add(str(e))
+    return
+  weights = tuple(config.mrl.weights)
+  if weights and len(weights) != len(dims):
+    add(f"mrl.weights has {len(weights)} entries for the {len(dims)} dims {list(dims)} of "
+        f"the {config.mrl.mode} head; give one weight per dim, or () for all ones.")
 
 
 def total_steps(config: Any, train_examples: int) -> int:

@@ -40,10 +40,7 @@ def build_classifier(config: Any, *, rngs: nnx.Rngs) -> mrl.MRLClassifier:
   one override changes the data and the model consistently."""
   model_cfg = config.model
   dtype, param_dtype = jnp.dtype(model_cfg.dtype), jnp.dtype(model_cfg.param_dtype)
-  backbone = models.build_backbone(
-      model_cfg.name, model_cfg.variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-      remat=model_cfg.remat, image_size=config.input.image_size,
-      **dict(model_cfg.options))
+  backbone = _build_backbone(config, rngs)
   embed_dim, neck = backbone.embed_dim, None
   if model_cfg.neck_dim:
     embed_dim = int(model_cfg.neck_dim)
@@ -54,6 +51,22 @@ def build_classifier(config: Any, *, rngs: nnx.Rngs) -> mrl.MRLClassifier:
                             ff_dim=config.mrl.ff_dim, bias_init=config.mrl.head_bias_init,
                             rngs=rngs, dtype=dtype, param_dtype=param_dtype)
   return mrl.MRLClassifier(backbone, head, neck)
+
+
+def _build_backbone(config: Any, rngs: nnx.Rngs) -> nnx.Module:
+  model_cfg = config.model
+  return models.build_backbone(
+      model_cfg.name, model_cfg.variant, rngs=rngs, dtype=jnp.dtype(model_cfg.dtype),
+      param_dtype=jnp.dtype(model_cfg.param_dtype), remat=model_cfg.remat,
+      image_size=config.input.image_size, **dict(model_cfg.options))
+
+
+def embedding_width(config: Any) -> int:
+  """d, the width of z: the neck's, or the backbone's. The backbone is built abstractly
+  (no memory, no compile), which checks its options too, so that the model and head
+  settings fail before anything is built."""
+  backbone = nnx.eval_shape(lambda: _build_backbone(config, nnx.Rngs(0)))
+  return int(config.model.neck_dim) if config.model.neck_dim else int(backbone.embed_dim)
 
 
 def resolve_nesting(config: Any, embed_dim: int) -> Tuple[int, ...]:

@@ -182,6 +182,18 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, loss_type: str = "sof
   return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
 
 
+def topk_hits(logits: jax.Array, labels: jax.Array, k: int = 5
+              ) -> Tuple[jax.Array, jax.Array]:
+  """(top-1 hits, top-k hits) of logits [M, B, L], each bool [M, B]: the label (any label
+  of a [B, L] multi-hot target) is the best class / among the k best (k ≤ L)."""
+  top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]  # [M, B, k]
+  if labels.ndim == 1:
+    hits = top == labels[None, :, None]
+  else:
+    hits = jnp.take_along_axis(labels[None] > 0, top, axis=-1)
+  return hits[..., 0], hits.any(-1)
+
+
 def top1_per_dim(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of examples whose arg-max class is (one of) the label(s), per dim: [M].
 

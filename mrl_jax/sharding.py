@@ -2,7 +2,7 @@
 
 The mesh has axes ('data', 'fsdp', 'model'). The batch is split over
 ('data', 'fsdp'); parameters follow the first matching rule of
-`config.sharding.rules`, a list of (regex, spec) pairs searched against each
+`config.sharding_rules`, a list of (regex, spec) pairs searched against each
 leaf's path in the train state ("params/head/linear/kernel",
 "opt_state/0/mu/head/linear/kernel", ...), so the optimizer state follows its
 parameter. A spec is either a tuple of mesh axes / None per array dim, or one
@@ -24,15 +24,6 @@ from mrl_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
-
-# Replicated except the classifier, whose class dim goes over 'model' (cheap
-# when classes are many, a no-op at model=1), and everything else over 'fsdp'.
-DEFAULT_RULES = (
-    (r"(^|/)head/.*kernel$", (None, "model")),
-    (r"(^|/)head/.*bias$", ("model",)),
-    (r".*", "fsdp"),
-)
-
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] = None) -> Mesh:
   """Builds the mesh from {'data': n, 'fsdp': n, 'model': n}; one size may be -1."""
@@ -114,7 +105,7 @@ def spec_for(path: str, shape: Tuple[int, ...], mesh: Mesh, rules) -> P:
   return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence[Tuple[str, Any]]) -> Any:
   """A pytree of NamedSharding with the structure of `abstract_state`."""
   def one(path, leaf):
     shape = tuple(getattr(leaf, "shape", ()))

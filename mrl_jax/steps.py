@@ -151,15 +151,10 @@ def make_eval_step(graphdef: nnx.GraphDef, state_shardings: Any,
     logits = logits.astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
-    topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [M, B, k]
-    if labels.ndim == 1:
-      hits = topk == labels[None, :, None]
-    else:
-      hits = jnp.take_along_axis(labels[None] > 0, topk, axis=-1)
+    top1, top5 = mrl.topk_hits(logits, labels, k=5)  # [M, B] each
     per_example_loss = mrl.per_example_loss(
-        logits, labels, loss_kwargs.get("loss_type", "softmax"),
-        loss_kwargs.get("label_smoothing", 0.0))  # [M, B]
-    return {"top1": (hits[..., 0] * mask).sum(-1), "top5": (hits.any(-1) * mask).sum(-1),
+        logits, labels, loss_kwargs["loss_type"], loss_kwargs["label_smoothing"])  # [M, B]
+    return {"top1": (top1 * mask).sum(-1), "top5": (top5 * mask).sum(-1),
             "loss": (per_example_loss * mask).sum(-1), "count": mask.sum()}
 
   replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())

@@ -24,6 +24,12 @@ def _demo(**overrides):
     ({"mrl.weights": (1.0, 2.0)}, "one weight per dim"),
     ({"input.multi_label": True}, "--config.mrl.loss=sigmoid"),
     ({"optim.name": "lion"}, "optim.name"),
+    # The head against the embedding width (the demo's neck: 512), before any build.
+    ({"mrl.nesting": (8, 4)}, "strictly increasing"),
+    ({"mrl.nesting": (8, 1024)}, "exceeds the embedding width 512"),
+    ({"mrl.mode": "ff", "mrl.ff_dim": 0}, "ff_dim in \\[1, 512\\]"),
+    ({"model.neck_dim": 0, "mrl.nesting": (8, 1024)}, "exceeds the embedding width 512"),
+    ({"model.variant": "7"}, "variant"),
 ])
 def test_bad_configs_are_named(overrides, fragment):
   with pytest.raises(config_checks.ConfigError, match=fragment):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import common, demo
 from mrl_jax import experiment, sharding
 from mrl_jax.data import pipeline, preprocess, synthetic
 
@@ -90,7 +90,7 @@ def test_mesh_errors_name_the_fix():
 
 def test_rules_fall_back_to_fsdp_when_a_spec_does_not_fit():
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
-  rules = sharding.DEFAULT_RULES
+  rules = common.get_base_config().sharding_rules
   P = jax.sharding.PartitionSpec
   assert sharding.spec_for("params/head/linear/kernel", (64, 10), mesh, rules) == P(None, "model")
   # 7 classes do not split over model=2: the leaf falls back to fsdp on its largest dim.

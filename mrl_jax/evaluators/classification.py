@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mrl_jax import mrl
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator
 
@@ -55,14 +56,8 @@ def resolve_class_subset(class_subset, labels: np.ndarray, num_classes: int) -> 
 def masked_topk_hits(logits: jax.Array, labels: jax.Array, class_mask: jax.Array):
   """(top-1 hits [M], top-5 hits [M]) summed over examples, with classes outside
   `class_mask` never predicted. Labels are [N] ids or [N, L] multi-hot."""
-  logits = jnp.where(class_mask, logits, -jnp.inf)
-  k = min(5, logits.shape[-1])
-  topk = jax.lax.top_k(logits, k)[1]  # [M, N, k]
-  if labels.ndim == 1:
-    hits = topk == labels[None, :, None]
-  else:
-    hits = jnp.take_along_axis(labels[None] > 0, topk, axis=-1)
-  return hits[..., 0].sum(-1), hits.any(-1).sum(-1)
+  top1, top5 = mrl.topk_hits(jnp.where(class_mask, logits, -jnp.inf), labels, k=5)
+  return top1.sum(-1), top5.sum(-1)
 
 
 @EVALUATORS.register("classification")

@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from mrl_jax import sharding
+from mrl_jax import mrl, sharding
 from mrl_jax.evaluators import EVALUATORS, EvalResult, Evaluator
 from mrl_jax.evaluators import baselines
 
@@ -135,15 +135,11 @@ def probe_accuracy(params: Dict[str, Any], features: baselines.Features, split: 
                    batch_size: int = 1024) -> Dict[str, np.ndarray]:
   """{"top1", "top5"}: [M] accuracies of the probes on every row of `split`."""
   width = max(dims)
-  num_classes = params["b"].shape[-1]
-  k = min(5, num_classes)
   dim_mask = jnp.asarray(_dim_mask(dims, width))
 
   def counts(params, x, y, mask):
-    logits = _logits(params, x, dim_mask)
-    _, top = jax.lax.top_k(logits, k)  # [M, B, k]
-    hits = top == y[None, :, None]
-    return (jnp.sum(hits[..., 0] * mask, axis=1), jnp.sum(jnp.any(hits, -1) * mask, axis=1))
+    top1, top5 = mrl.topk_hits(_logits(params, x, dim_mask), y, k=5)  # [M, B] each
+    return jnp.sum(top1 * mask, axis=1), jnp.sum(top5 * mask, axis=1)
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   counts = jax.jit(counts, in_shardings=(replicated, batched, batched, batched),
