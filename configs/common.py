@@ -100,12 +100,13 @@ def get_base_config():
       init_regex=""))         # ... only those whose path matches, e.g. "^backbone/"
   c.debug_poison_steps = ()   # tests: steps whose loss and gradients are made NaN
 
-  # The evaluation suite (mrl_jax/evaluators; README "Evaluation"): instance name →
+  # The evaluation suite (mrl_jax/evaluators; docs/evaluation.md): instance name →
   # {"type": registered evaluator, "every_steps": N (0: only at the end of training
   # and by `python -m mrl_jax.evaluate`), ...its options}, e.g.
   # c.evals.knn = ml_collections.ConfigDict({"type": "knn", "every_steps": 5000}).
   c.evals = ml_collections.ConfigDict()
-  # Embeddings z (mrl_jax/embed.py), for `python -m mrl_jax.embed` and the evaluators.
+  # Embeddings z (mrl_jax/restore.py, files: mrl_jax/embeddings.py), for
+  # `python -m mrl_jax.embed` and the evaluators.
   c.embed = ml_collections.ConfigDict(dict(
       dtype="float32",        # float16 halves the disk (ImageNet train: 5 GB instead of 10)
       shard_size=0,           # rows per shard file per process; 0: one shard per process

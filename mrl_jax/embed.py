@@ -5,7 +5,7 @@
 
 The model of a run's checkpoint (the latest, or `--step`) embeds every example
 of the split with the eval preprocessing, sharded over all devices and hosts
-(`mrl_jax.inference.embed_split`), into DIR (default
+(`mrl_jax.restore.embed_split`), into DIR (default
 `<workdir>/embeddings/step_<N>/<split>`; the format is `mrl_jax.embeddings`'s,
 read back with `mrl_jax.embeddings.read_embeddings(DIR)`). Splits other than
 train/val are defined in `config.embed.splits` (name → overrides of
@@ -17,7 +17,7 @@ import json
 import jax
 from absl import flags
 
-from mrl_jax import cli, inference
+from mrl_jax import cli, restore
 from mrl_jax.embeddings import embeddings_dir
 
 FLAGS = flags.FLAGS
@@ -27,10 +27,10 @@ def main(argv) -> None:
   del argv
   cli.init_distributed()
   config = FLAGS.config
-  inference.split_input_config(config, FLAGS.split)  # An unknown split fails before the restore.
-  run = inference.load_run(config, FLAGS.workdir, FLAGS.step)
+  restore.split_input_config(config, FLAGS.split)  # An unknown split fails before the restore.
+  run = restore.load_run(config, FLAGS.workdir, FLAGS.step)
   out = FLAGS.out or embeddings_dir(FLAGS.workdir, run.step, FLAGS.split)
-  inference.embed_split(run, FLAGS.split, out, dtype=FLAGS.dtype)
+  restore.embed_split(run, FLAGS.split, out, dtype=FLAGS.dtype)
   if jax.process_index() == 0:
     print(json.dumps({"split": FLAGS.split, "step": run.step, "dir": out}))
 

@@ -1,7 +1,7 @@
 """Embeddings z of a split on disk: the shard files, their index, reading them back.
 
 numpy only, so that anything (an evaluator, a notebook, a search index builder)
-can read what `mrl_jax.inference.embed_split` / `python -m mrl_jax.embed`
+can read what `mrl_jax.restore.embed_split` / `python -m mrl_jax.embed`
 wrote. Layout of a split's directory (default
 `<workdir>/embeddings/step_<N>/<split>`):
 

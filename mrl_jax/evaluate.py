@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 import jax
 from absl import flags
 
-from mrl_jax import cli, evaluators, inference
+from mrl_jax import cli, evaluators, restore
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import runner
 from mrl_jax.metric_writer import MetricWriter
@@ -42,13 +42,13 @@ def main(argv) -> None:
   cli.init_distributed()
   config, workdir = FLAGS.config, FLAGS.workdir
   compare = parse_compare(FLAGS.compare)
-  run = inference.load_run(config, workdir, FLAGS.step)
+  run = restore.load_run(config, workdir, FLAGS.step)
   evals = evaluators.build_evaluators(config, dims=run.dims, only=FLAGS.only)
   if not evals:
     raise ConfigError("config.evals is empty: add evaluators, e.g. "
                       "evals.classification = {'type': 'classification'}.")
   writer = MetricWriter(workdir)
-  with inference.RoundFunctions(run, workdir, keep_embeddings=True) as fns:
+  with restore.RoundFunctions(run, workdir, keep_embeddings=True) as fns:
     ctx = evaluators.EvalContext(run.step, run.dims, run.mesh, fns.embed_split,
                                  fns.apply_heads)
     results = runner.evaluate_round(ctx, evals, workdir, title=runner.title_of(config),

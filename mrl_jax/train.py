@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from mrl_jax import (checkpointing, config_checks, data, evaluators, experiment, fault_tolerance,
-                     inference, report, sharding)
+                     report, restore, sharding)
 from mrl_jax.data import pipeline
 from mrl_jax.evaluators import runner
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
@@ -124,15 +124,15 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
 
 
 def _round_opener(config: Any, workdir: str, mesh, exp):
-  """The training evaluations' `open_round`: the live state as an inference `Run`, its
+  """The training evaluations' `open_round`: the live state as a restore `Run`, its
   embeddings deleted after the round; the jitted forwards compile once per run."""
   compiled: Dict[Any, Any] = {}
 
   @contextlib.contextmanager
   def open_round(step: int, state: Any) -> Iterator[evaluators.EvalContext]:
-    run = inference.Run(config, mesh, exp.graphdef, state, exp.state_shardings, step, exp.dims,
+    run = restore.Run(config, mesh, exp.graphdef, state, exp.state_shardings, step, exp.dims,
                         compiled=compiled)
-    with inference.RoundFunctions(run, workdir, keep_embeddings=False) as fns:
+    with restore.RoundFunctions(run, workdir, keep_embeddings=False) as fns:
       yield evaluators.EvalContext(step, run.dims, mesh, fns.embed_split, fns.apply_heads)
 
   return open_round

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mrl_jax import embeddings, inference, sharding
+from mrl_jax import embeddings, restore, sharding
 
 
 def _write(out_dir, batches, *, dtype, shard_size, capacity):
@@ -21,7 +21,7 @@ def _write(out_dir, batches, *, dtype, shard_size, capacity):
   batch_sharding = sharding.batch_sharding(mesh)
   writer = embeddings.ShardWriter(str(out_dir), 0, capacity, shard_size, np.dtype(dtype))
   for z, host in batches:
-    writer.add(inference.local_rows(jax.device_put(z.astype(dtype), batch_sharding)), host)
+    writer.add(restore.local_rows(jax.device_put(z.astype(dtype), batch_sharding)), host)
   writer.close()
   embeddings.write_index(str(out_dir), 1, {"split": "val", "step": 3, "dtype": dtype})
 
@@ -80,6 +80,6 @@ def test_missing_embeddings_and_unknown_splits_say_what_to_do(tmp_path):
   config = ml_collections.ConfigDict({"input": {"source": "digits", "splits": {}},
                                       "embed": {"splits": {"v2": {"source": "folder"}}}})
   with pytest.raises(ValueError, match="config.embed.splits"):
-    inference.split_input_config(config, "imagenet_a")
-  assert inference.split_input_config(config, "v2").source == "folder"
+    restore.split_input_config(config, "imagenet_a")
+  assert restore.split_input_config(config, "v2").source == "folder"
   assert config.input.source == "digits"  # The run's own input config is unchanged.

@@ -101,7 +101,7 @@ def test_embed_cli_writes_the_split_as_the_model_sees_it(run):
   ids = np.concatenate([np.load(directory / f"{s['name']}.ids.npy") for s in index["shards"]])
 
   from configs import demo  # pylint: disable=import-outside-toplevel
-  from mrl_jax import data, inference, sharding  # pylint: disable=import-outside-toplevel
+  from mrl_jax import data, restore, sharding  # pylint: disable=import-outside-toplevel
   cfg = demo.get_config("runlocal")
   cfg.input.image_size = 16
   source = data.build_source(cfg.input, "val", num_classes=10)
@@ -110,11 +110,11 @@ def test_embed_cli_writes_the_split_as_the_model_sees_it(run):
   assert z.shape == (359, 512)
 
   # A direct forward of the restored model (on this process's 8 devices) on 16 examples.
-  restored = inference.load_run(cfg, str(workdir))
+  restored = restore.load_run(cfg, str(workdir))
   preprocess = data.build_preprocess(cfg.input, "val", num_classes=10)
   images = np.stack([preprocess(source[i], None)["image"] for i in range(16)])
   batch_sharding = sharding.batch_sharding(restored.mesh)
-  fn = inference.make_embed_fn(restored.graphdef, restored.state_shardings, batch_sharding,
+  fn = restore.make_embed_fn(restored.graphdef, restored.state_shardings, batch_sharding,
                            normalization=data.normalization(cfg.input, num_classes=10))
   direct = np.asarray(fn(restored.state, jax.device_put(images, batch_sharding)))
   np.testing.assert_allclose(z[:16], direct, rtol=1e-4, atol=1e-4)

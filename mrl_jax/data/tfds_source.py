@@ -45,7 +45,7 @@ def _builder(name: str, data_dir: str):
   if not os.path.isdir(where):
     raise MissingFileError(
         f"Dataset {name!r} was not found: looked in {where}. Prepare it there "
-        "(see the README's data section), point to it with "
+        "(see docs/data.md), point to it with "
         "--config.input.data_dir=/path/to/tensorflow_datasets, or run the "
         "':synthetic' variant of this config to train on generated data.")
   tfds = _tfds()
@@ -57,7 +57,7 @@ def _builder(name: str, data_dir: str):
     found = ", ".join(sorted(os.listdir(where))) or "nothing"
     raise MissingFileError(
         f"No prepared version of dataset {name!r} in {where} (it holds: {found}). "
-        "Finish preparing it (see the README's data section), or name a prepared "
+        "Finish preparing it (see docs/data.md), or name a prepared "
         "version with --config.input.tfds_name=NAME:VERSION.")
   formats = {f.value for f in builder.info.available_file_formats()}
   if _ARRAY_RECORD not in formats:
@@ -65,7 +65,7 @@ def _builder(name: str, data_dir: str):
         f"Dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, but "
         "mrl_jax reads ArrayRecord (random access, no TensorFlow). Prepare it again "
         f"with `tfds build {name.split(':')[0]} --data_dir={data_dir} "
-        "--file_format=array_record` (the README's data section has the steps).")
+        "--file_format=array_record` (docs/data.md has the steps).")
   return builder
 
 

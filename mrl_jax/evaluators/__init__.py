@@ -12,7 +12,7 @@ names instances in `config.evals` (instance name → {"type": registered name,
 Evaluators receive functions, never the loop, a checkpoint or a CLI (as
 big_vision's evaluators receive `predict_fns`): the caller of a round builds
 an `EvalContext` from an embed-a-split function and an apply-the-heads
-function (`mrl_jax.inference.RoundFunctions` for a trained run), and every
+function (`mrl_jax.restore.RoundFunctions` for a trained run), and every
 evaluator of the round shares the embeddings and logits it computes once.
 `runner.py` runs a round and writes its outputs; `outputs.py` the files.
 """
