@@ -164,6 +164,26 @@ def apply_variants(c, variants, *, runlocal_overrides=None, runlocal_image_size=
   return c
 
 
+def apply_overrides(c, overrides):
+  """Sets {"mrl.nesting": (8, 16), "model.options.blurpool": True, ...} on `c`, adding
+  keys only where a block is open-ended (model.options): a typo elsewhere fails."""
+  size = c.input.image_size
+  for key, value in overrides.items():
+    *path, name = key.split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    if name not in node and path != ["model", "options"]:
+      raise KeyError(f"{key!r} is not a config field.")
+    node[name] = tuple(value) if isinstance(value, list) else value
+  if c.input.image_size != size and c.input.pp_eval.endswith(
+      f"central_crop({size})|normalize(imagenet)"):  # The ImageNet protocol, at the new size.
+    extra = c.input.pp_train.partition("normalize(imagenet)")[2]  # e.g. "|mixup_cutmix(...)"
+    inception_specs(c)
+    c.input.pp_train += extra
+  return c
+
+
 def runlocal(c, *, image_size=32, batch_size=16, total_steps=4):
   """Shrinks any experiment to seconds on a CPU, keeping its structure."""
   c.input.image_size = image_size

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mrl_jax import data, experiment, restore, sharding, steps
+from mrl_jax import data, restore, sharding, steps
 from mrl_jax.errors import ConfigError, MissingFileError
 from mrl_jax.interop import flat, torch_files
 
@@ -259,8 +259,7 @@ def _load_export(directory: str) -> Model:
                       f"{meta.get('format')!r}); export with `python -m mrl_jax.tools.export`.")
   config = ml_collections.ConfigDict(meta["config"])
   weights = torch_files.load_state_dict(os.path.join(directory, EXPORT_WEIGHTS))
-  model = nnx.eval_shape(experiment.model_factory(config))
-  graphdef, params, model_state = steps.split_model(model)
+  graphdef, params, model_state = flat.model_template(config)
   params, model_state = flat.into_state(weights, params, model_state,
                                         source=os.path.join(directory, EXPORT_WEIGHTS))
   return Model(config, params, model_state, graphdef, step=meta.get("step", 0),

@@ -57,9 +57,9 @@ def test_the_head_knows_no_backbone():
   assert not any(i.startswith("mrl_jax.models") for i in MODULES["mrl_jax.mrl"])
 
 
-@pytest.mark.parametrize("forbidden", ["mrl_jax.checkpointing", "orbax", "orbax.checkpoint",
-                                       "mrl_jax.restore", "mrl_jax.inference", "mrl_jax.embed", "mrl_jax.train",
-                                       "mrl_jax.experiment", "mrl_jax.cli"])
+@pytest.mark.parametrize("forbidden", [
+    "mrl_jax.checkpointing", "orbax", "orbax.checkpoint", "mrl_jax.restore", "mrl_jax.inference",
+    "mrl_jax.embed", "mrl_jax.train", "mrl_jax.experiment", "mrl_jax.cli"])
 def test_evaluators_receive_functions_not_the_run(forbidden):
   assert _importers_of({forbidden}, among=lambda n: n.startswith("mrl_jax.evaluators")) == []
 

@@ -34,6 +34,16 @@ def expected_shapes(config: Any) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
   return shapes
 
 
+def model_template(config: Any) -> Tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract params, model_state) of the model `config` builds: the params
+  only as shapes (`into_state` fills them), the rest of the state made for real (rng
+  keys and counters are not weights; XLA drops the params' initialisation)."""
+  build_model = experiment.model_factory(config)
+  graphdef, params, _ = steps.split_model(nnx.eval_shape(build_model))
+  model_state = jax.jit(lambda: steps.split_model(build_model())[2])()
+  return graphdef, params, model_state
+
+
 def check_names(flat: Mapping[str, np.ndarray], expected: Mapping[str, Tuple], *,
                 source: str) -> None:
   """Every expected name present with its shape, nothing else; else one ConfigError that

@@ -25,7 +25,7 @@ from mrl_jax.errors import ConfigError
 from mrl_jax.models import MODELS
 
 # name -> (width, depth, heads, mlp_dim), as in big_vision; "mu" is for tests.
-_SIZES = {
+SIZES = {
     "mu": (32, 2, 2, 64),
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
@@ -43,11 +43,11 @@ _zeros = nnx.initializers.zeros_init()
 def parse_variant(variant: str) -> tuple[int, int, int, int, int]:
   """Returns (width, depth, heads, mlp_dim, patch) for a "<size>/<patch>" string."""
   match = re.fullmatch(r"(\w+)/(\d+)", variant)
-  if match is None or match.group(1) not in _SIZES or int(match.group(2)) < 1:
+  if match is None or match.group(1) not in SIZES or int(match.group(2)) < 1:
     raise ConfigError(
         f"Bad ViT variant {variant!r}: expected '<size>/<patch>' with size in "
-        f"{list(_SIZES)} and a positive integer patch, e.g. 'B/16' or 'L/14'.")
-  return (*_SIZES[match.group(1)], int(match.group(2)))
+        f"{list(SIZES)} and a positive integer patch, e.g. 'B/16' or 'L/14'.")
+  return (*SIZES[match.group(1)], int(match.group(2)))
 
 
 def _dense(din: int, dout: int, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 from absl import flags, logging
+from array_record.python import array_record_data_source
 
 from mrl_jax import cli, inference
 from mrl_jax.data import records
@@ -67,7 +68,6 @@ def folder_inputs(input_dir: str) -> Inputs:
 
 def arrayrecord_inputs(input_dir: str, split: str) -> Inputs:
   """The records of `split`'s shards in `input_dir`, in shard order."""
-  from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
   shards = sorted(glob.glob(os.path.join(input_dir, records.shard_glob(split))))
   source = array_record_data_source.ArrayRecordDataSource(shards)
   decoded = [records.decode_record(source[i]) for i in range(len(source))]
@@ -195,6 +195,7 @@ def _join(parts_dir, output, num_parts, dims, dtype, formats, model, inputs) -> 
 
 
 def _write_parquet(path: str, ids: List[str], z: np.ndarray) -> None:
+  # Imported here: only this output format needs pyarrow (installed with tfds).
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   values = pa.array(np.ascontiguousarray(z).reshape(-1))

@@ -21,7 +21,7 @@ from absl import flags, logging
 
 from mrl_jax import cli, inference
 from mrl_jax.errors import ConfigError
-from mrl_jax.interop import flat, torch_files
+from mrl_jax.interop import flat, timm_vit, torch_files, torchvision_resnet
 
 FLAGS = flags.FLAGS
 FORMATS = ("mrl_jax", "torchvision", "timm")
@@ -36,12 +36,10 @@ def export(model: inference.Model, out_dir: str, fmt: str = "mrl_jax") -> str:
   if fmt == "torchvision":
     if config.model.name != "resnet":
       raise ConfigError(f"--format=torchvision exports ResNets; this is a {config.model.name}.")
-    from mrl_jax.interop import torchvision_resnet  # pylint: disable=import-outside-toplevel
     weights = torchvision_resnet.from_flat(weights, config)
   elif fmt == "timm":
     if config.model.name != "vit":
       raise ConfigError(f"--format=timm exports ViTs; this is a {config.model.name}.")
-    from mrl_jax.interop import timm_vit  # pylint: disable=import-outside-toplevel
     weights = timm_vit.from_flat(weights, config)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, inference.EXPORT_WEIGHTS)
