@@ -79,7 +79,7 @@ def save_safetensors(flat: Mapping[str, np.ndarray], path: str,
   """Writes {name: array} to `path` as safetensors (atomically: a temporary file, then a
   rename), with optional string `metadata` in the header."""
   path = os.fspath(path)
-  arrays = {name: np.ascontiguousarray(np.asarray(a)) for name, a in flat.items()}
+  arrays = {name: np.asarray(a, order="C") for name, a in flat.items()}  # 0-d stays 0-d
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
@@ -139,7 +139,8 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   del requires_grad, backward_hooks, metadata
   if not isinstance(storage, _Storage):
     raise pickle.UnpicklingError("a tensor whose storage is not a storage record")
-  size, stride, offset = tuple(int(n) for n in size), tuple(int(s) for s in stride), int(storage_offset)
+  size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
+  offset = int(storage_offset)
   data = storage.data
   if len(size) != len(stride) or offset < 0 or any(s < 0 for s in stride) or any(
       n < 0 for n in size):
@@ -153,7 +154,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   view = np.lib.stride_tricks.as_strided(
       data[offset:], shape=size, strides=tuple(s * data.itemsize for s in stride),
       writeable=False)
-  return np.array(view)  # own, C-contiguous memory
+  return np.array(view, order="C")  # own C-contiguous memory; 0-d stays 0-d
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):

@@ -21,12 +21,25 @@ Options for small images and for where the representation is taken (README
                            (the paper; z ≥ 0).
   representation="preact"  z = the same mean before the last ReLU: signed, so a
                            short prefix is never all zero and always has a direction.
+  blurpool=True    anti-aliased downsampling as the published MRL ResNet50s were trained
+                   (FFCV's `BlurPoolConv2d`, the same op as composer's `BlurConv2d` with
+                   blur_first): every strided conv with at least 16 input channels
+                   first blurs its input with the fixed depthwise 3x3 filter
+                   [[1,2,1],[2,4,2],[1,2,1]]/16 (stride 1, zero padding 1), then runs
+                   as before. In a ResNet50 (width 64) these are the six convs
+                   layer{2,3,4}.0.conv2 and layer{2,3,4}.0.downsample.0 (ResNet18/34:
+                   .conv1, where a BasicBlock strides); the 3-channel stem conv is not
+                   blurred, nor is the max-pool; a narrow width leaves the convs of
+                   fewer than 16 input channels unblurred, as the reference would. The
+                   filter is a constant, not a variable: parameter names and shapes
+                   do not change.
 """
 
 from typing import Any, Callable, Sequence, Tuple, Type
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
@@ -38,13 +51,35 @@ Dtype = Any
 # "normal" distribution is untruncated, like torch's (unlike "truncated_normal").
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+# BlurPool (Zhang, ICML 2019) as the MRL reference applies it (`apply_blurpool` in its
+# eval code): the binomial 3x3 low-pass, on every strided conv of >= 16 input channels.
+BLUR_FILTER = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16.0
+BLUR_MIN_CHANNELS = 16
+
+
+def blurs(conv: nnx.Conv, blurpool: bool) -> bool:
+  """Whether a `blurpool` ResNet blurs this conv's input (the one rule the model and the
+  weight importers share)."""
+  return blurpool and max(conv.strides) > 1 and conv.in_features >= BLUR_MIN_CHANNELS
+
+
+def blur(x: jax.Array) -> jax.Array:
+  """x [B, H, W, C] filtered channel by channel with BLUR_FILTER, stride 1, zero padding 1
+  (torch: conv2d(x, filter[C,1,3,3], padding=1, groups=C))."""
+  channels = x.shape[-1]
+  kernel = jnp.tile(jnp.asarray(BLUR_FILTER, x.dtype)[:, :, None, None], (1, 1, 1, channels))
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+
 
 class _ConvBNFactory:
   """Builds convs and BNs sharing the network-wide dtype and BN settings."""
 
   def __init__(self, *, dtype: Dtype, param_dtype: Dtype, bn_momentum: float,
-               bn_epsilon: float, rngs: nnx.Rngs):
+               bn_epsilon: float, blurpool: bool, rngs: nnx.Rngs):
     self.dtype = dtype
+    self.blurpool = blurpool
     self.param_dtype = param_dtype
     self.bn_momentum = bn_momentum
     self.bn_epsilon = bn_epsilon
@@ -74,6 +109,7 @@ class _Block(nnx.Module):
 
   def __init__(self, f: _ConvBNFactory, in_ch: int, out_ch: int, stride: int):
     self.dtype = f.dtype
+    self.blurpool = f.blurpool
     self.relu_out = True  # False for the last block of a "preact" representation.
     if stride != 1 or in_ch != out_ch:
       self.proj_conv = f.conv(in_ch, out_ch, 1, stride)
@@ -84,6 +120,8 @@ class _Block(nnx.Module):
 
   def _conv_bn(self, conv: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array,
                train: bool) -> jax.Array:
+    if blurs(conv, self.blurpool):
+      x = blur(x)
     return bn(conv(x), use_running_average=not train).astype(self.dtype)
 
   def _residual(self, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
@@ -161,7 +199,7 @@ class Stage(nnx.Module):
 
 
 # variant -> (block type, blocks per stage)
-_VARIANTS: dict[str, Tuple[Type[_Block], Sequence[int]]] = {
+VARIANTS: dict[str, Tuple[Type[_Block], Sequence[int]]] = {
     "18": (BasicBlock, (2, 2, 2, 2)),
     "34": (BasicBlock, (3, 4, 6, 3)),
     "50": (Bottleneck, (3, 4, 6, 3)),
@@ -187,11 +225,11 @@ class ResNet(nnx.Module):
                bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
                zero_init_last_bn: bool = True, in_channels: int = 3,
                stem: str = "imagenet", width: int = 64, representation: str = "relu",
-               image_size: int = 0):
+               blurpool: bool = False, image_size: int = 0):
     del image_size
-    if variant not in _VARIANTS:
+    if variant not in VARIANTS:
       raise ConfigError(f"Unknown ResNet variant {variant!r}. "
-                       f"Known variants: {', '.join(_VARIANTS)}.")
+                       f"Known variants: {', '.join(VARIANTS)}.")
     if stem not in STEMS:
       raise ConfigError(f"Unknown ResNet stem {stem!r}; set --config.model.options.stem "
                         f"to one of {STEMS}.")
@@ -201,11 +239,12 @@ class ResNet(nnx.Module):
     if width < 1:
       raise ConfigError(f"ResNet width {width} must be a positive channel count "
                         "(--config.model.options.width; 64 is the standard ResNet).")
-    block_cls, depths = _VARIANTS[variant]
-    f = _ConvBNFactory(dtype=dtype, param_dtype=param_dtype,
-                       bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, rngs=rngs)
+    block_cls, depths = VARIANTS[variant]
+    f = _ConvBNFactory(dtype=dtype, param_dtype=param_dtype, bn_momentum=bn_momentum,
+                       bn_epsilon=bn_epsilon, blurpool=bool(blurpool), rngs=rngs)
     self.variant = variant
     self.dtype = dtype
+    self.blurpool = bool(blurpool)
     self.stem = stem
     if stem == "imagenet":
       self.stem_conv = f.conv(in_channels, width, 7, stride=2)
@@ -224,7 +263,10 @@ class ResNet(nnx.Module):
     self.embed_dim = in_ch
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = self.stem_conv(x.astype(self.dtype))
+    x = x.astype(self.dtype)
+    if blurs(self.stem_conv, self.blurpool):  # only with >= 16 input channels
+      x = blur(x)
+    x = self.stem_conv(x)
     x = nnx.relu(self.stem_bn(x, use_running_average=not train).astype(self.dtype))
     if self.stem == "imagenet":
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
