@@ -14,7 +14,8 @@ import os
 import numpy as np
 import pytest
 
-from mrl_jax import checkpointing, inference
+from configs import common
+from mrl_jax import checkpointing, evaluators, inference, restore
 from mrl_jax.errors import ConfigError, DataError, MissingFileError
 from mrl_jax.interop import flat, timm_vit, torch_files
 from mrl_jax.tools import export, import_weights
@@ -94,3 +95,38 @@ def test_bad_inputs_fail_with_one_clear_message(imported, tmp_path):
     import_weights.import_weights(str(tmp_path / "none.pt"), "timm_vit", str(tmp_path / "c"))
   with pytest.raises(ConfigError, match="already holds checkpoints"):
     import_weights.import_weights(VIT_MRL, "timm_vit", out)
+
+
+RESNET_MRL = os.path.join(FIXTURES, "torch_resnet50_w4_mrl.pt")
+
+
+def test_mrl_resnet50_imports_evaluates_and_exports_back_to_torchvision(tmp_path):
+  """The published-model path: import the RAIVNLab/MRL layout (BlurPool, MRL heads,
+  `module.` prefixes), evaluate the workdir with its config.py, export it back."""
+  out = str(tmp_path / "r50")
+  summary = import_weights.import_weights(RESNET_MRL, "mrl_resnet50", out)
+  assert summary["overrides"]["model.options.blurpool"] is True
+  spec = importlib.util.spec_from_file_location("r50_config", os.path.join(out, "config.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  # What `python -m mrl_jax.evaluate --config=<out>/config.py --workdir=<out>` does, on
+  # generated images instead of ImageNet.
+  common.apply_overrides(config, {"input.source": "synthetic", "input.image_size": 64,
+                                  "input.synthetic_sizes.val": 16, "input.eval_batch_size": 16,
+                                  "input.workers": 0, "model.dtype": "float32"})
+  run = restore.load_run(config, out)
+  assert run.step == 0 and run.dims == tuple(summary["matryoshka_dims"])
+  evals = evaluators.build_evaluators(config, dims=run.dims, only=["classification"])
+  with restore.RoundFunctions(run, str(tmp_path / "eval")) as fns:
+    ctx = evaluators.EvalContext(run.step, run.dims, run.mesh, fns.embed_split, fns.apply_heads)
+    result = evaluators.run_evaluators(ctx, evals)[0]
+  assert len(result.metrics["top1"]) == len(run.dims)
+
+  export.export(inference.load(out), str(tmp_path / "tv"), "torchvision")
+  back = torch_files.load_state_dict(str(tmp_path / "tv" / inference.EXPORT_WEIGHTS))
+  original = torch_files.load_state_dict(RESNET_MRL)  # `module.` stripped on reading
+  assert sorted(back) == sorted(original)
+  for key, value in original.items():
+    if not key.endswith("num_batches_tracked"):  # a counter torchvision ignores in eval
+      np.testing.assert_array_equal(back[key], value, err_msg=key)
