@@ -13,23 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo
+from configs import vit_b16_i1k
 from mrl_jax import data, embeddings, inference, restore, train
 from mrl_jax.errors import ConfigError, MissingFileError
 from mrl_jax.tools import export
 
-NESTING = (2, 4, 8, 16)
+NESTING = (2, 4, 8, 16, 32)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("inference_run")
-  c = demo.get_config("runlocal")
-  c.model.options.width = 8
-  c.model.neck_dim = 16
+  c = vit_b16_i1k.get_config("runlocal")  # a ViT "mu/4": z is 32 wide
   c.mrl.nesting = NESTING
   c.total_steps = 3
-  c.input.eval_batch_size = 64
   train.run(c, str(workdir))
   source = data.build_source(c.input, "val", num_classes=c.num_classes)
   images = np.stack([source[i]["image"] for i in range(12)])
@@ -47,7 +44,7 @@ def _unit(x):
 
 def test_embed_is_the_normalised_prefix_of_the_stored_z(run, model, tmp_path):
   config, workdir, images = run
-  assert model.dims == NESTING and model.embed_dim == 16 and model.step == 3
+  assert model.dims == NESTING and model.embed_dim == 32 and model.step == 3
   # The evaluation path's z of the val split, written to disk and read back.
   out = restore.embed_split(restore.load_run(config, str(workdir)), "val", str(tmp_path / "z"))
   stored = np.asarray(embeddings.read_embeddings(out).z[:len(images)], np.float32)
@@ -65,17 +62,17 @@ def test_embed_is_the_normalised_prefix_of_the_stored_z(run, model, tmp_path):
 
 def test_untrained_dims_are_refused_unless_asked_for(run, model):
   images = run[2]
-  with pytest.raises(ConfigError, match=r"trained at dims \[2, 4, 8, 16\], not 5"):
+  with pytest.raises(ConfigError, match=r"trained at dims \[2, 4, 8, 16, 32\], not 5"):
     model.embed(images, dim=5)
   assert model.embed(images, dim=5, allow_untrained_dim=True).shape == (len(images), 5)
-  with pytest.raises(ConfigError, match="outside the embedding width 1..16"):
-    model.embed(images, dim=17, allow_untrained_dim=True)
+  with pytest.raises(ConfigError, match="outside the embedding width 1..32"):
+    model.embed(images, dim=33, allow_untrained_dim=True)
 
 
 def test_classify_and_cascade_follow_the_heads(run, model):
   config, workdir, images = run
   restored = restore.load_run(config, str(workdir))
-  z = model.embed(images, dim=16, normalize=False)
+  z = model.embed(images, dim=32, normalize=False)
   logits = restore.apply_heads(restored, z)  # [M, B, L], independently of the forward
   shifted = np.exp(logits - logits.max(-1, keepdims=True))
   probs = shifted / shifted.sum(-1, keepdims=True)
@@ -91,7 +88,7 @@ def test_classify_and_cascade_follow_the_heads(run, model):
   always = model.cascade(images, thresholds=0.0)
   np.testing.assert_array_equal(always.dims, NESTING[0])
   # One threshold per dim: stop at the first dim whose confidence reaches it.
-  t = np.array([probs[0].max(-1)[0] + 1e-6, 0.0, 0.0])
+  t = np.array([probs[0].max(-1)[0] + 1e-6, 0.0, 0.0, 0.0])
   mixed = model.cascade(images, thresholds=t)
   expect = np.where(probs[0].max(-1) >= t[0], NESTING[0], NESTING[1])
   np.testing.assert_array_equal(mixed.dims, expect)
@@ -128,6 +125,7 @@ def test_export_loads_back_to_identical_embeddings(run, model, tmp_path):
   meta = json.loads((tmp_path / "exported" / inference.EXPORT_CONFIG).read_text())
   assert meta["matryoshka_dims"] == list(NESTING) and meta["mode"] == "mrl"
   assert meta["preprocessing"]["image_size"] == 32 and meta["num_classes"] == 10
+  assert meta["preprocessing"]["pp_eval"].endswith("central_crop(32)|normalize(imagenet)")
   back = inference.load(str(tmp_path / "exported"))
   assert back.dims == model.dims and back.step == model.step
   for m in (2, 16):
