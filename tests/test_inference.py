@@ -6,6 +6,7 @@ its embeddings are checked against the evaluation path's stored z
 (`restore.embed_split`), its classes against numpy on the heads' logits.
 """
 
+import importlib.util
 import io
 import json
 
@@ -200,8 +201,26 @@ def test_embed_folder_embeds_each_good_image_once_lists_bad_ones_and_resumes(
 
 
 def _has_faiss():
-  try:
-    import faiss  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    return True
-  except ImportError:
-    return False
+  return importlib.util.find_spec("faiss") is not None
+
+
+def test_embed_folder_reads_arrayrecord_shards(run, model, tmp_path):
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  from mrl_jax.data import records  # pylint: disable=import-outside-toplevel
+  from mrl_jax.tools import embed_folder  # pylint: disable=import-outside-toplevel
+  images = run[2][:4]
+  writer = array_record_module.ArrayRecordWriter(
+      str(tmp_path / records.shard_name("val", 0, 1)), records.WRITER_OPTIONS)
+  for i, image in enumerate(images):
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    writer.write(records.encode_record(png.getvalue(), 0, f"record-{i}"))
+  writer.write(records.encode_record(b"\x89PNG broken", 0, "record-broken"))
+  writer.close()
+  inputs = embed_folder.find_inputs(str(tmp_path), "val")
+  index = embed_folder.embed_inputs(model, inputs, str(tmp_path / "out"), [8])
+  assert (index["num_embedded"], index["num_skipped"]) == (4, 1)
+  assert json.loads((tmp_path / "out" / "ids.json").read_text()) == [
+      f"record-{i}" for i in range(4)]
+  np.testing.assert_allclose(np.load(tmp_path / "out" / "embeddings_d8.npy"),
+                             model.embed(images, dim=8), atol=1e-5)

@@ -218,3 +218,26 @@ def test_live_against_torch(tmp_path, seed, head):
   z, logits = _forward(tvr.to_flat(sd, config), config, images)
   _assert_matches(z, z_ref, f"seed {seed} z")
   _assert_matches(logits, logits_ref, f"seed {seed} {head} logits")
+
+
+@pytest.mark.parametrize("variant", ["18", "34"])
+def test_basic_block_resnets_map_to_torchvision_names_and_back(variant):
+  """ResNet18/34 (basic blocks, no conv3): our variables ↔ torchvision's key names."""
+  config = _config({"model.variant": variant, "model.options.width": 4,
+                    "mrl.nesting": (8, 16, 32), "num_classes": 3})
+  _, params, model_state = steps.split_model(experiment.model_factory(config)())
+  ours = flat.flatten(params, model_state)
+  torch_layout = tvr.from_flat(ours, config)
+  blocks = {"18": (2, 2, 2, 2), "34": (3, 4, 6, 3)}[variant]
+  want = {"conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"}
+  for stage, count in enumerate(blocks, start=1):
+    for b in range(count):
+      want |= {f"layer{stage}.{b}.conv{i}.weight" for i in (1, 2)}
+  assert want <= set(torch_layout)
+  assert not any(k.endswith("conv3.weight") for k in torch_layout)
+  assert torch_layout["layer2.0.downsample.0.weight"].shape == (8, 4, 1, 1)  # OIHW
+  assert tvr.detect(torch_layout)["model.variant"] == variant
+  back = tvr.to_flat(torch_layout, config)
+  assert sorted(back) == sorted(ours)
+  for name, array in ours.items():
+    np.testing.assert_array_equal(back[name], array, err_msg=name)
