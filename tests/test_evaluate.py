@@ -206,3 +206,14 @@ def test_outputs_writer_round_trips_every_number(tmp_path):
                         step=1)
   runs = outputs.load_runs({"FF": [str(other), str(tmp_path / "ff4")]})
   assert runs["knn"]["top1"]["FF"] == ([4, 16], [0.05, 0.45])
+
+
+def test_every_evaluator_refuses_an_unknown_option():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from mrl_jax import evaluators  # pylint: disable=import-outside-toplevel
+  for kind in ("classification", "knn", "retrieval", "linear_probe", "few_shot",
+               "adaptive_classification", "adaptive_retrieval"):
+    config = ml_collections.ConfigDict({"num_classes": 10, "evals": {
+        "e": {"type": kind, "splt": "val"}}})
+    with pytest.raises(ValueError, match=rf"Unknown option\(s\) \['splt'\] for the {kind}"):
+      evaluators.build_evaluators(config, dims=DIMS)
