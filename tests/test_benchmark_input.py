@@ -1,21 +1,20 @@
 """The input benchmark CLI runs as users run it and reports a positive rate for everything."""
 
 import json
-import os
-import subprocess
-import sys
 
+import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cli_runner
+
+pytestmark = pytest.mark.e2e
 CANDIDATES = {"pillow_train", "pillow_eval", "mrl_jax_train", "mrl_jax_eval",
               "decode_pillow", "decode_simplejpeg", "decode_opencv"}
 
 
 def run_benchmark(*flags):
-  return subprocess.run([sys.executable, "-m", "mrl_jax.tools.benchmark_input", *flags],
-                        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  return cli_runner.run_module("mrl_jax.tools.benchmark_input", *flags, timeout=120)
 
 
 def test_generated_images_give_per_core_rates_and_speedups(tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -12,15 +10,14 @@ from fashion_folder import CLASS_NAMES, sorted_label, write_image_folder
 from mrl_jax import data
 from mrl_jax.data import arrayrecord_source  # noqa: F401  (registers "arrayrecord")
 from mrl_jax.errors import ConfigError
+from tests import cli_runner
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.e2e  # every test uses the converter's output (`built`, `_convert`)
 BAD = {"train/coat/corrupt.jpg", "train/bag/truncated.jpg"}
 
 
 def _convert(*args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "mrl_jax.tools.build_dataset", *args],
-                        capture_output=True, text=True, env=env, timeout=120, check=False)
+  return cli_runner.run_module("mrl_jax.tools.build_dataset", *args, timeout=120)
 
 
 def _shards(out):

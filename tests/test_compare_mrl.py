@@ -26,6 +26,7 @@ def _tiny_config():
   return config
 
 
+@pytest.mark.slow
 def test_methods_study_trains_each_run_reports_it_and_skips_it_after(tmp_path):
   config = _tiny_config()
   text = compare_mrl.compare(config, str(tmp_path))

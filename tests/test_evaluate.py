@@ -9,9 +9,6 @@ val accuracy (steps.make_eval_step) and numpy top-k.
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -21,9 +18,8 @@ from PIL import Image
 
 from mrl_jax.evaluators import EvalResult, outputs
 from mrl_jax.evaluators.classification import masked_topk_hits, resolve_class_subset
-from tests import cpu_env
+from tests import cli_runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = [2, 4, 8, 16, 32, 64, 128, 256, 512]
 CONFIG = textwrap.dedent("""
     import ml_collections
@@ -46,9 +42,8 @@ CONFIG = textwrap.dedent("""
 
 
 def _run(module, config, workdir, *flags, devices=2):
-  env = cpu_env.env(devices)
-  cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}", *flags]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = cli_runner.run_module(module, f"--config={config}", f"--workdir={workdir}", *flags,
+                               devices=devices)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -68,6 +63,8 @@ def _json(path):
   return json.loads(path.read_text())
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_training_runs_the_evaluators_at_their_steps_and_at_the_end(run):
   _, workdir = run
   for step in (3, 6):
@@ -85,6 +82,8 @@ def test_training_runs_the_evaluators_at_their_steps_and_at_the_end(run):
   assert not (workdir / "embeddings").exists()  # The loop's rounds clean up after them.
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_embed_cli_writes_the_split_as_the_model_sees_it(run):
   config, workdir = run
   proc = _run("mrl_jax.embed", config, workdir, "--split=val", "--config.embed.shard_size=100")
@@ -121,6 +120,8 @@ def test_embed_cli_writes_the_split_as_the_model_sees_it(run):
   assert np.abs(direct).max() > 1e-3  # not a blank forward
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_evaluate_cli_writes_tables_plots_and_report(run):
   config, workdir = run
   proc = _run("mrl_jax.evaluate", config, workdir, f"--compare=again={workdir}")

@@ -100,6 +100,7 @@ def test_bad_inputs_fail_with_one_clear_message(imported, tmp_path):
 RESNET_MRL = os.path.join(FIXTURES, "torch_resnet50_w4_mrl.pt")
 
 
+@pytest.mark.slow
 def test_mrl_resnet50_imports_evaluates_and_exports_back_to_torchvision(tmp_path):
   """The published-model path: import the RAIVNLab/MRL layout (BlurPool, MRL heads,
   `module.` prefixes), evaluate the workdir with its config.py, export it back."""

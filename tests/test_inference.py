@@ -20,6 +20,7 @@ from mrl_jax.errors import ConfigError, MissingFileError
 from mrl_jax.tools import export
 
 NESTING = (2, 4, 8, 16, 32)
+pytestmark = pytest.mark.slow  # one training run (~15 s) shared by the module
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,17 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import portpicker
+import pytest
 
-from tests import cpu_env
+from tests import cli_runner
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 _NUM_PROCESSES = 2
 _LOCAL_DEVICES = 2
 _TIMEOUT_S = 240
-# Set by schedulers; a test run inside a SLURM job must not auto-detect it.
-_CLUSTER_ENV = ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 _DEVICES_RE = re.compile(r"process (\d+)/(\d+), (\d+) local / (\d+) global devices")
 _STEP_RE = re.compile(r"step (\d+)/\d+ \| loss ([\d.]+)")
 _EVAL_RE = re.compile(r"eval @ step \d+ \((\d+) examples")
@@ -31,18 +28,16 @@ _EVAL_RE = re.compile(r"eval @ step \d+ \((\d+) examples")
 def _launch(tmp_path):
   """Starts every process; returns [(Popen, log path, workdir)]."""
   port = portpicker.pick_unused_port()
-  env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ENV}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_env.xla_flags(_LOCAL_DEVICES))
   procs = []
   workdir = tmp_path / "workdir"  # Shared, as checkpoints need (a shared file system).
   for i in range(_NUM_PROCESSES):
     log = tmp_path / f"process{i}.log"
-    cmd = [sys.executable, "-m", "mrl_jax.main", "--config=configs/demo.py:runlocal",
-           f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-           f"--num_processes={_NUM_PROCESSES}", f"--process_id={i}"]
     with open(log, "wb") as f:  # A file, not a pipe: a full pipe would block the child.
-      procs.append((subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=f,
-                                     stderr=subprocess.STDOUT), log, workdir))
+      proc = cli_runner.popen_module(
+          "mrl_jax.main", "--config=configs/demo.py:runlocal", f"--workdir={workdir}",
+          f"--coordinator_address=localhost:{port}", f"--num_processes={_NUM_PROCESSES}",
+          f"--process_id={i}", devices=_LOCAL_DEVICES, stdout=f, stderr=subprocess.STDOUT)
+      procs.append((proc, log, workdir))
   return procs
 
 

@@ -5,40 +5,35 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests import cpu_env
+from tests import cli_runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.e2e
 STEPS = 8
 ARGS = ("--config=configs/vit_b16_i1k.py:runlocal", f"--config.total_steps={STEPS}",
         "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=2",
         "--config.model.options.stochastic_depth=0.1")  # rng state must resume too
+# One device: compiles fastest (tests/test_checkpointing.py covers meshes). The runs share
+# the session's compilation cache (tests/cpu_env.py): same programs, less waiting.
+DEVICES = 1
 
 
-@pytest.fixture(scope="module", name="env")
-def fixture_env(tmp_path_factory):
-  """One device (compiles fastest; tests/test_checkpointing.py covers meshes), and JAX's
-  persistent compilation cache shared by this module's runs (same programs, less waiting)."""
-  return cpu_env.env(1, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")))
+def _args(workdir, *overrides):
+  return (f"--workdir={workdir}", *ARGS, *overrides)
 
 
-def _command(workdir, *overrides):
-  return [sys.executable, "-m", "mrl_jax.main", f"--workdir={workdir}", *ARGS, *overrides]
+def _run(workdir, *overrides):
+  return cli_runner.run_module("mrl_jax.main", *_args(workdir, *overrides),
+                               devices=DEVICES)
 
 
-def _run(env, workdir, *overrides):
-  return subprocess.run(_command(workdir, *overrides), cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-def _run_until(env, workdir, marker, signum):
+def _run_until(workdir, marker, signum):
   """Starts a run, sends `signum` when a stderr line contains `marker`; (rc, stderr, secs)."""
-  proc = subprocess.Popen(_command(workdir), cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                          text=True)
+  proc = cli_runner.popen_module("mrl_jax.main", *_args(workdir), stderr=subprocess.PIPE,
+                                 text=True, devices=DEVICES)
   lines = []
   for line in proc.stderr:
     lines.append(line)
@@ -66,8 +61,9 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
-def test_killed_and_preempted_run_resumes_to_identical_losses(env, tmp_path):
-  reference = _run(env, tmp_path / "reference")
+@pytest.mark.slow
+def test_killed_and_preempted_run_resumes_to_identical_losses(tmp_path):
+  reference = _run(tmp_path / "reference")
   assert reference.returncode == 0, reference.stderr[-3000:]
   expected = _losses(tmp_path / "reference")
   assert sorted(expected) == list(range(1, STEPS + 1))
@@ -75,7 +71,7 @@ def test_killed_and_preempted_run_resumes_to_identical_losses(env, tmp_path):
   workdir = tmp_path / "interrupted"
   kill_at = random.randint(3, 5)
   # SIGKILL as the save of step `kill_at` starts: mid-write, or just after it.
-  rc, err, _ = _run_until(env, workdir, f"Saving checkpoint step {kill_at} ", signal.SIGKILL)
+  rc, err, _ = _run_until(workdir, f"Saving checkpoint step {kill_at} ", signal.SIGKILL)
   assert rc == -signal.SIGKILL, err[-3000:]
   resumable = max(_steps(workdir))
   # Saves run back to back here: the previous one may still have been in flight too.
@@ -84,7 +80,7 @@ def test_killed_and_preempted_run_resumes_to_identical_losses(env, tmp_path):
 
   # Preempted: SIGTERM two steps after resuming → that step is saved, exit 0.
   preempt_at = resumable + 2
-  rc, err, secs = _run_until(env, workdir, f"step {preempt_at}/{STEPS}", signal.SIGTERM)
+  rc, err, secs = _run_until(workdir, f"step {preempt_at}/{STEPS}", signal.SIGTERM)
   assert rc == 0, err[-3000:]
   assert f"Resumed from {workdir / 'checkpoints' / str(resumable)} " in err
   assert all(f"{name}, a save that never completed" in err for name in unfinished), err
@@ -92,7 +88,7 @@ def test_killed_and_preempted_run_resumes_to_identical_losses(env, tmp_path):
   assert stopped >= preempt_at and f"Stopped by SIGTERM after step {stopped}" in err
   assert secs < 60 and "Traceback" not in err
 
-  final = _run(env, workdir)
+  final = _run(workdir)
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"Resumed from {workdir / 'checkpoints' / str(stopped)} " in final.stderr
   got = _losses(workdir)
@@ -102,8 +98,9 @@ def test_killed_and_preempted_run_resumes_to_identical_losses(env, tmp_path):
   assert json.loads((workdir / "summary.json").read_text())["steps"] == STEPS
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_repeated(env, tmp_path):
-  proc = _run(env, tmp_path, "--config.debug_poison_steps=(2,5,6,7)",
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_repeated(tmp_path):
+  proc = _run(tmp_path, "--config.debug_poison_steps=(2,5,6,7)",
               "--config.checkpoint.max_nonfinite_in_a_row=3")
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "error: Steps 5..7: 3 steps in a row had a non-finite loss" in proc.stderr
@@ -119,10 +116,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_repeated(env
   assert f"The last checkpoint, {tmp_path}/checkpoints/7, is intact." in proc.stderr
 
 
-def test_unwritable_workdir_fails_before_compiling(env, tmp_path):
+def test_unwritable_workdir_fails_before_compiling(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
-  proc = _run(env, blocker / "workdir")
+  proc = _run(blocker / "workdir")
   assert proc.returncode == 1
   assert f"error: Cannot write checkpoints under --workdir={blocker / 'workdir'}" in proc.stderr
   assert "Traceback" not in proc.stderr and "Compiling" not in proc.stderr

@@ -1,9 +1,9 @@
-"""Retrieval metrics against plain loops, and the top-k search against numpy."""
+"""Retrieval metrics against plain loops, and the top-k search against numpy (sharded:
+tests/test_search.py)."""
 
 import numpy as np
 import pytest
 
-from mrl_jax import sharding
 from mrl_jax.evaluators import retrieval_metrics as rm
 from mrl_jax.evaluators import search
 
@@ -100,24 +100,6 @@ def test_blocked_top_k_ties_prefer_lower_index(block_size):
 def test_blocked_top_k_validates():
   with pytest.raises(ValueError, match="lower k"):
     search.top_k(np.ones((2, 3)), np.ones((4, 3)), 5, block_size=2)
-
-
-@pytest.mark.parametrize("mesh_shape", [{"data": 8, "fsdp": 1, "model": 1},
-                                        {"data": 4, "fsdp": 2, "model": 1}])
-def test_sharded_top_k_matches_numpy(mesh_shape):
-  mesh = sharding.make_mesh(mesh_shape)
-  rng = np.random.default_rng(2)
-  base = rng.integers(-2, 3, size=(20, 4)).astype(np.float32)
-  database = np.concatenate([base, base[:9]])  # ties across blocks
-  queries = rng.integers(-2, 3, size=(16, 4)).astype(np.float32)
-  scores, idx = search.top_k(queries, database, 10, block_size=6, mesh=mesh)
-  assert idx.sharding.spec == sharding.batch_sharding(mesh).spec
-  want_scores, want_idx = _numpy_top_k(queries, database, 10)
-  np.testing.assert_array_equal(np.asarray(idx), want_idx)
-  np.testing.assert_array_equal(np.asarray(scores), want_scores)
-  # A query count not divisible by 8 is padded internally and trimmed.
-  scores, idx = search.top_k(queries[:13], database, 10, block_size=6, mesh=mesh)
-  np.testing.assert_array_equal(np.asarray(idx), want_idx[:13])
 
 
 def test_normalize_is_safe_for_zero_rows():

@@ -1,15 +1,13 @@
 """Two-stage selection, streamed/sharded cosine search and the funnel, against numpy."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from mrl_jax import sharding
 from mrl_jax.evaluators import search, shortlist
+from tests import cli_runner
 
 
 def _unit(x):
@@ -48,16 +46,26 @@ def test_cosine_top_k_streams_queries_and_blocks(block_size, query_batch):
     np.testing.assert_allclose(np.asarray(scores), want[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [{"data": 8, "fsdp": 1, "model": 1},
-                                        {"data": 2, "fsdp": 2, "model": 2}])
-def test_sharded_streamed_top_k_with_ties(mesh_shape):
+@pytest.mark.parametrize("mesh_shape,block_size", [({"data": 8, "fsdp": 1, "model": 1}, 128),
+                                                   ({"data": 2, "fsdp": 2, "model": 2}, 32)])
+def test_sharded_streamed_top_k_with_ties(mesh_shape, block_size):
+  """The one sharded top-k test (tests/test_retrieval.py: the blocked search on one
+  device); block_size 32 < k = 40: the top-k is merged across blocks."""
   mesh = sharding.make_mesh(mesh_shape)
   rng = np.random.default_rng(5)
   base = rng.integers(-2, 3, size=(300, 6)).astype(np.float32)
-  database = np.concatenate([base, base[::-1], base[:77]])  # every score tied
+  database = np.concatenate([base, base[::-1], base[:77]])  # every score tied, across blocks
   queries = rng.integers(-2, 3, size=(19, 6)).astype(np.float32)
-  scores, idx = search.top_k(queries, database, 40, block_size=128, query_batch=6, mesh=mesh)
   want_scores, want_idx = _numpy_top_k(queries.astype(np.float64) @ database.T, 40)
+  # One batch of 16 queries (a multiple of the data-parallel size): split over the mesh.
+  scores, idx = search.top_k(queries[:16], database, 40, block_size=block_size, mesh=mesh)
+  assert idx.sharding.spec == sharding.batch_sharding(mesh).spec
+  np.testing.assert_array_equal(np.asarray(idx), want_idx[:16])
+  np.testing.assert_array_equal(np.asarray(scores), want_scores[:16])
+  # Streamed in batches of 6 (rounded up to the data-parallel size); 19 queries leave a
+  # last batch that is padded internally and trimmed.
+  scores, idx = search.top_k(queries, database, 40, block_size=block_size, query_batch=6,
+                             mesh=mesh)
   np.testing.assert_array_equal(np.asarray(idx), want_idx)
   np.testing.assert_array_equal(np.asarray(scores), want_scores)
 
@@ -122,13 +130,14 @@ def test_funnel_rejects_bad_shapes():
     shortlist.funnel_top_k(db, db, (4, 16), (10,))
 
 
+@pytest.mark.e2e
 def test_benchmark_cli_prints_one_json_line():
-  cmd = [sys.executable, "-m", "mrl_jax.tools.benchmark_retrieval", "--db_size=3000",
-         "--num_queries=40", "--dim=64", "--num_classes=20", "--funnel_dims=8,16,32,64",
-         "--funnel_ks=100,40,10", "--shortlist_dim=8", "--shortlist_k=100", "--repeats=1",
-         "--query_batch=16", "--block_size=1024"]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = cli_runner.run_module(
+      "mrl_jax.tools.benchmark_retrieval", "--db_size=3000", "--num_queries=40", "--dim=64",
+      "--num_classes=20", "--funnel_dims=8,16,32,64", "--funnel_ks=100,40,10",
+      "--shortlist_dim=8", "--shortlist_k=100", "--repeats=1", "--query_batch=16",
+      "--block_size=1024", devices=8, fast_compile=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["device"].startswith("8 x ") and result["db_size"] == 3000
   methods = result["methods"]

@@ -48,6 +48,7 @@ MESHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["resnet", "vit"])
 def test_sharded_step_equals_single_device(model):
   config = _config(model)

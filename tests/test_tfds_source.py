@@ -20,6 +20,7 @@ from configs import common
 from mrl_jax import data
 from mrl_jax.data import tfds_source
 from mrl_jax.errors import ConfigError
+from tests import cli_runner
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 FASHION = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -237,18 +238,13 @@ def test_converter_helpers(data_dir):
   assert tfds_source.tfds_class_names("fmnist_multi", str(data_dir)) is None
 
 
+@pytest.mark.e2e
 def test_converter_copies_a_tfds_split_into_arrayrecord_shards(data_dir, tmp_path):
-  import os
-  import subprocess
-  import sys
   from mrl_jax.data import arrayrecord_source  # noqa: F401  (registers "arrayrecord")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run(
-      [sys.executable, "-m", "mrl_jax.tools.build_dataset", "--from_tfds=fmnist_tiny",
-       f"--tfds_data_dir={data_dir}", "--split=train", f"--output_dir={tmp_path}",
-       "--num_shards=2", "--workers=1"],
-      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo), timeout=120,
-      check=False)
+  result = cli_runner.run_module(
+      "mrl_jax.tools.build_dataset", "--from_tfds=fmnist_tiny", f"--tfds_data_dir={data_dir}",
+      "--split=train", f"--output_dir={tmp_path}", "--num_shards=2", "--workers=1",
+      timeout=120)
   assert result.returncode == 0, result.stderr
   c = common.get_base_config().input
   c.update(dict(source="arrayrecord", data_dir=str(tmp_path)))
