@@ -131,3 +131,20 @@ def test_mrl_resnet50_imports_evaluates_and_exports_back_to_torchvision(tmp_path
   for key, value in original.items():
     if not key.endswith("num_batches_tracked"):  # a counter torchvision ignores in eval
       np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_a_backbone_only_file_gets_fresh_heads(tmp_path):
+  state_dict = torch_files.load_state_dict(os.path.join(FIXTURES, "timm_vit_cls.safetensors"))
+  backbone = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+  torch_files.save_safetensors(backbone, str(tmp_path / "backbone.safetensors"))
+  summary = import_weights.import_weights(str(tmp_path / "backbone.safetensors"), "timm_vit",
+                                          str(tmp_path / "out"), num_classes=7)
+  assert summary["fresh_head"] and summary["matryoshka_dims"] == [8, 16, 32]
+  model = inference.load(str(tmp_path / "out"))
+  assert model.config.num_classes == 7
+  heads = {k: v for k, v in flat.flatten(model.params, {}).items() if "/head/" in k}
+  assert heads and all(not v.any() for k, v in heads.items() if k.endswith("kernel"))
+  want = timm_vit.to_flat(backbone, model.config)
+  got = flat.flatten(model.params, model.model_state)
+  for name, array in want.items():
+    np.testing.assert_array_equal(got[name], array, err_msg=name)

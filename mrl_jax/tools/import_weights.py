@@ -33,7 +33,7 @@ from absl import flags, logging
 from flax import nnx
 
 from configs import common
-from mrl_jax import checkpointing, cli, optim, sharding
+from mrl_jax import checkpointing, cli, experiment, optim, sharding, steps
 from mrl_jax.errors import ConfigError
 from mrl_jax.interop import flat, timm_vit, torch_files, torchvision_resnet
 
@@ -69,6 +69,7 @@ def import_weights(path: str, kind: str, out: str, *, mode: Optional[str] = None
     overrides["num_classes"] = int(num_classes)
   config = common.apply_overrides(_base_config(base), overrides)
   weights = module.to_flat(state_dict, config)  # every key accounted for, or an error
+  weights, fresh_head = _with_fresh_head(weights, config)
   state, dims = _train_state(config, weights, source=path)
   existing = os.path.join(out, "checkpoints")
   if os.path.isdir(existing) and os.listdir(existing):
@@ -85,7 +86,7 @@ def import_weights(path: str, kind: str, out: str, *, mode: Optional[str] = None
     f.write(_CONFIG_PY.format(source=os.path.basename(path), base=base,
                               overrides=_plain(overrides)))
   summary = {"out": out, "kind": kind, "arrays": len(weights), "overrides": _plain(overrides),
-             "matryoshka_dims": [int(m) for m in dims]}
+             "matryoshka_dims": [int(m) for m in dims], "fresh_head": fresh_head}
   logging.info("Imported %s (%s) into %s: %s", path, kind, out, summary)
   return summary
 
@@ -93,6 +94,18 @@ def import_weights(path: str, kind: str, out: str, *, mode: Optional[str] = None
 def _base_config(name: str):
   module = importlib.import_module(f"configs.{name}")
   return module.get_config()
+
+
+def _with_fresh_head(weights: Dict[str, np.ndarray], config: Any):
+  """A backbone-only file (no classifier keys) gets the configured heads freshly
+  initialised (zero kernels, as training starts them): ready to fine-tune or probe."""
+  if any(name.startswith("params/head/") for name in weights):
+    return weights, False
+  _, params, _ = steps.split_model(experiment.model_factory(config)())
+  head = {k: v for k, v in flat.flatten(params, {}).items() if k.startswith("params/head/")}
+  logging.info("No classifier in the file: the %s head (%d classes, dims %s) starts fresh.",
+               config.mrl.mode, config.num_classes, tuple(config.mrl.nesting))
+  return {**weights, **head}, True
 
 
 def _train_state(config: Any, weights: Dict[str, np.ndarray], *, source: str):
