@@ -1,5 +1,6 @@
 """A model's variables as a flat dict of named numpy arrays, and back (see __init__.py)."""
 
+import inspect
 from typing import Any, Dict, Mapping, Tuple
 
 import jax
@@ -53,7 +54,7 @@ def check_names(flat: Mapping[str, np.ndarray], expected: Mapping[str, Tuple], *
   wrong = sorted(f"{k}: {tuple(np.shape(flat[k]))} instead of {expected[k][0]}"
                  for k in set(flat) & set(expected) if tuple(np.shape(flat[k])) != expected[k][0])
   if missing or unexpected or wrong:
-    parts = [f"{len(v)} {what} ({_few(v)})" for what, v in
+    parts = [f"{len(v)} {what} ({few(v)})" for what, v in
              (("missing", missing), ("unexpected", unexpected), ("wrong-shaped", wrong)) if v]
     raise ConfigError(f"{source} does not fit the configured model: " + "; ".join(parts)
                       + ". Check the model variant, head mode, nesting and num_classes.")
@@ -85,5 +86,33 @@ def _is_weight(leaf: Any) -> bool:
   return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating)
 
 
-def _few(names, n: int = 5) -> str:
+def few(names, n: int = 5) -> str:
+  """The first `n` names, and how many more, for an error message."""
   return ", ".join(names[:n]) + (f", … {len(names) - n} more" if len(names) > n else "")
+
+
+def head_overrides(classes: int, mode: str, nesting: Tuple[int, ...], ff_dim: int
+                   ) -> Dict[str, Any]:
+  """The config settings of a detected head, as every converter's `detect` returns them."""
+  return {"num_classes": int(classes), "mrl.mode": mode,
+          "mrl.nesting": tuple(int(m) for m in nesting), "mrl.ff_dim": int(ff_dim)}
+
+
+def reads_as(found: Mapping[str, Any], config: Any, backbone_class: type) -> str:
+  """' The file reads as: key=value (configured: …), …' for the settings a converter's
+  `detect` found that differ from `config` (a backbone option the config leaves out
+  counts at its constructor default), or ''."""
+  defaults = {f"model.options.{name}": p.default for name, p in
+              inspect.signature(backbone_class.__init__).parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  differ = []
+  for key, value in found.items():
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if hasattr(node, "get") else None
+    node = defaults.get(key) if node is None else node
+    if isinstance(value, tuple):
+      node = tuple(node or ())
+    if node != value:
+      differ.append(f"{key}={value!r} (configured: {node!r})")
+  return f" The file reads as: {', '.join(differ)}." if differ else ""

@@ -36,7 +36,6 @@ names, and the caller fills the head (e.g. from a freshly built model) and suppl
 num_classes and the head mode.
 """
 
-import inspect
 import math
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -101,7 +100,7 @@ def detect(state_dict: Mapping[str, Any], mode: Optional[str] = None) -> Dict[st
   if conv is None or len(conv) != 4 or conv[2] != conv[3]:
     raise ConfigError(
         f"{SOURCE} is not a timm ViT: it has no square 'patch_embed.proj.weight' "
-        f"[D, C, p, p] (keys: {_few(sorted(shapes))}).")
+        f"[D, C, p, p] (keys: {flat.few(sorted(shapes))}).")
   width, in_channels, patch, _ = conv
   _refuse_unsupported(shapes)
   depth = _depth(shapes)
@@ -191,7 +190,7 @@ def _plan(config: Any, *, with_head: bool, plain_mrl_e: bool
   if unmapped:
     raise ConfigError(
         f"The configured model has weights with no timm ViT counterpart "
-        f"({_few(sorted(unmapped))}); a neck (model.neck_dim) is not a timm "
+        f"({flat.few(sorted(unmapped))}); a neck (model.neck_dim) is not a timm "
         "layer: set model.neck_dim=0.")
   return {key: (layout, [(n, s) for _, n, s in sorted(parts)])
           for key, (layout, parts) in plan.items()}
@@ -311,25 +310,20 @@ def _detect_head(shapes: Mapping[str, Tuple[int, ...]], width: int,
       raise ConfigError(f"{SOURCE} has a single classifier head.weight: not separate MRL "
                         "heads (head.nesting_classifier_{i}); use --mode=none|ff|mrl_e.")
     found = "ff" if k < width else mode or "none"
-    return _head(classes, found, default, k if found == "ff" else 0)
+    return flat.head_overrides(classes, found, default, k if found == "ff" else 0)
   nested = {int(m[1]): shapes[k] for k in head
             if (m := re.fullmatch(r"head\.nesting_classifier_(\d+)\.weight", k))}
   if not nested or set(nested) != set(range(len(nested))):
-    raise ConfigError(f"{SOURCE} has a head our modes do not describe ({_few(head)}); "
+    raise ConfigError(f"{SOURCE} has a head our modes do not describe ({flat.few(head)}); "
                       "expected head.weight or head.nesting_classifier_{0, 1, ...}.weight.")
   classes = nested[0][0]
   dims = tuple(nested[i][1] for i in range(len(nested)))
   if dims == (width,) and mode in (None, "mrl_e"):
-    return _head(classes, "mrl_e", default, 0)
+    return flat.head_overrides(classes, "mrl_e", default, 0)
   if mode not in (None, "mrl"):
     raise ConfigError(f"{SOURCE} has {len(dims)} MRL heads head.nesting_classifier_0.."
                       f"{len(dims) - 1} (dims {list(dims)}): mode 'mrl', not {mode!r}.")
-  return _head(classes, "mrl", mrl.validate_nesting(dims, width), 0)
-
-
-def _head(classes: int, mode: str, nesting: Tuple[int, ...], ff_dim: int) -> Dict[str, Any]:
-  return {"num_classes": int(classes), "mrl.mode": mode,
-          "mrl.nesting": tuple(int(m) for m in nesting), "mrl.ff_dim": int(ff_dim)}
+  return flat.head_overrides(classes, "mrl", mrl.validate_nesting(dims, width), 0)
 
 
 def _reading(state_dict: Mapping[str, Any], config: Any) -> str:
@@ -338,21 +332,4 @@ def _reading(state_dict: Mapping[str, Any], config: Any) -> str:
     found = detect(state_dict, config.mrl.mode if config.mrl.mode in mrl.HEAD_MODES else None)
   except ConfigError as e:
     return f" ({e})"
-  defaults = {f"model.options.{name}": p.default for name, p in
-              inspect.signature(vit.ViT.__init__).parameters.items()
-              if p.default is not inspect.Parameter.empty}
-  differ = []
-  for key, value in found.items():
-    node = config
-    for part in key.split("."):
-      node = node.get(part) if hasattr(node, "get") else None
-    node = defaults.get(key) if node is None else node
-    if isinstance(value, tuple):
-      node = tuple(node or ())
-    if node != value:
-      differ.append(f"{key}={value!r} (configured: {node!r})")
-  return f" The file reads as: {', '.join(differ)}." if differ else ""
-
-
-def _few(names: List[str], n: int = 5) -> str:
-  return ", ".join(names[:n]) + (f", … {len(names) - n} more" if len(names) > n else "")
+  return flat.reads_as(found, config, vit.ViT)

@@ -42,9 +42,8 @@ stride 1 and zero padding 1 before it, the max-pool is left alone (the reference
 `apply_blurpool` replaces Conv2d layers only; it has no max-pool key).
 """
 
-import inspect
 import re
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 from flax import nnx
@@ -102,11 +101,11 @@ def detect(state_dict: Mapping[str, Any], mode: Optional[str] = None) -> Dict[st
   stem = shapes.get("conv1.weight")
   if stem is None or len(stem) != 4 or not any(k.startswith("layer1.") for k in shapes):
     raise ConfigError(f"{SOURCE} is not a torchvision-layout ResNet: it has no conv1.weight "
-                      f"and layer1.* keys (its keys: {_few(sorted(shapes))}).")
+                      f"and layer1.* keys (its keys: {flat.few(sorted(shapes))}).")
   pool_keys = sorted(k for k in shapes if k.startswith("maxpool."))
   if pool_keys:
     raise ConfigError(
-        f"{SOURCE} has a max-pool with buffers ({_few(pool_keys)}): composer's "
+        f"{SOURCE} has a max-pool with buffers ({flat.few(pool_keys)}): composer's "
         "BlurMaxPool2d, which mrl_jax's ResNet does not have (its blurpool option blurs "
         "strided convs only, as the MRL reference does).")
   width, stem_kernel = stem[0], stem[2]
@@ -210,7 +209,7 @@ def _plan(config: Any, expected: Mapping[str, Tuple], *, old_mrl_e: bool) -> Dic
       plan[f"{base}.num_batches_tracked"] = _Key("counter", None, ())
   if unmapped:
     raise ConfigError(f"The configured model has weights with no torchvision ResNet "
-                      f"counterpart ({_few(sorted(unmapped))}); a neck (model.neck_dim) is "
+                      f"counterpart ({flat.few(sorted(unmapped))}); a neck (model.neck_dim) is "
                       "not a torchvision layer: set model.neck_dim=0.")
   return plan
 
@@ -305,13 +304,13 @@ def _detect_head(shapes: Mapping[str, Tuple[int, ...]], embed_dim: int,
     classes = nested[0][0]
     dims = tuple(nested[i][1] for i in range(len(nested)))
     if dims == (embed_dim,) and mode in (None, "mrl_e"):
-      return _head(classes, "mrl_e", default, 0)
+      return flat.head_overrides(classes, "mrl_e", default, 0)
     if mode not in (None, "mrl"):
       fix = "--mode=mrl_e (or mrl)" if dims == (embed_dim,) else "--mode=mrl"
       raise ConfigError(f"{SOURCE} has the MRL heads fc.nesting_classifier_0.."
                         f"{len(dims) - 1} (dims {list(dims)}), which mode {mode!r} does not "
                         f"describe; use {fix}.")
-    return _head(classes, "mrl", mrl.validate_nesting(dims, embed_dim), 0)
+    return flat.head_overrides(classes, "mrl", mrl.validate_nesting(dims, embed_dim), 0)
   if "fc.weight" in shapes:
     classes, k = shapes["fc.weight"]
     if k > embed_dim:
@@ -320,7 +319,7 @@ def _detect_head(shapes: Mapping[str, Tuple[int, ...]], embed_dim: int,
       if mode not in (None, "ff"):
         raise ConfigError(f"{SOURCE}: fc.weight [{classes}, {k}] reads the first {k} of "
                           f"d={embed_dim} features: an FF-{k} model (--mode=ff), not {mode!r}.")
-      return _head(classes, "ff", default, k)
+      return flat.head_overrides(classes, "ff", default, k)
     if mode is None:
       raise ConfigError(
           f"{SOURCE} has one classifier fc.weight [{classes}, {embed_dim}] over all d "
@@ -330,15 +329,10 @@ def _detect_head(shapes: Mapping[str, Tuple[int, ...]], embed_dim: int,
     if mode == "mrl":
       raise ConfigError(f"{SOURCE} has a single classifier fc.weight: not separate MRL heads "
                         "(fc.nesting_classifier_{i}); use --mode=mrl_e|ff|none.")
-    return _head(classes, mode, default, embed_dim if mode == "ff" else 0)
+    return flat.head_overrides(classes, mode, default, embed_dim if mode == "ff" else 0)
   raise ConfigError(f"{SOURCE} has no classifier our head modes describe "
-                    f"({_few(head) or 'no fc.* keys'}); expected fc.weight or "
+                    f"({flat.few(head) or 'no fc.* keys'}); expected fc.weight or "
                     "fc.nesting_classifier_{i}.weight.")
-
-
-def _head(classes: int, mode: str, nesting: Tuple[int, ...], ff_dim: int) -> Dict[str, Any]:
-  return {"num_classes": int(classes), "mrl.mode": mode,
-          "mrl.nesting": tuple(int(m) for m in nesting), "mrl.ff_dim": int(ff_dim)}
 
 
 def _reading(state_dict: Mapping[str, Any], config: Any) -> str:
@@ -347,22 +341,4 @@ def _reading(state_dict: Mapping[str, Any], config: Any) -> str:
     found = detect(state_dict, config.mrl.mode)
   except ConfigError as e:
     return f" ({e})"
-  defaults = {f"model.options.{name}": p.default for name, p in
-              inspect.signature(resnet.ResNet.__init__).parameters.items()
-              if p.default is not inspect.Parameter.empty}
-  differ = []
-  for k, v in found.items():
-    node = config
-    for part in k.split("."):
-      node = node.get(part) if hasattr(node, "get") else None
-    if node is None:
-      node = defaults.get(k)
-    if isinstance(v, tuple):
-      node = tuple(node or ())
-    if node != v:
-      differ.append(f"{k}={v!r} (configured: {node!r})")
-  return f" The file reads as: {', '.join(differ)}." if differ else ""
-
-
-def _few(names: List[str], n: int = 5) -> str:
-  return ", ".join(names[:n]) + (f", … {len(names) - n} more" if len(names) > n else "")
+  return flat.reads_as(found, config, resnet.ResNet)
