@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mrl_jax import sharding
+from mrl_jax import save_timer, sharding
 from mrl_jax.errors import ConfigError, MissingFileError, UserError
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -127,54 +127,6 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-class _TimeTrigger:
-  """Says when `minutes` of wall time have passed since the last save (0: never).
-
-  A save is collective, so every process must decide alike although their clocks
-  differ: with several processes, process 0's clock decides and the answer is
-  broadcast. The broadcast is a host sync, so it is not made every step: process 0
-  also sends the step of the next check, placed at 9/10 of the time left at its
-  measured steps per second; the checks close in on the deadline, a few per interval.
-  In a single process the local clock is read each step, with no sync at all.
-  """
-
-  _SHORTEN = 0.9  # The next check at this fraction of the time left: never late by much.
-
-  def __init__(self, minutes: float, clock: Callable[[], float], num_processes: int):
-    self._interval_s = 60.0 * float(minutes)
-    self._clock = clock
-    self._shared = num_processes > 1
-    self._last_save = clock()
-    self._next_check = 0
-    self._checked: Optional[Tuple[int, float]] = None  # (step, time) of the last check
-    self.broadcasts = 0
-
-  def saved(self) -> None:
-    self._last_save = self._clock()
-
-  def due(self, step: int) -> bool:
-    if self._interval_s <= 0:
-      return False
-    if not self._shared:
-      return self._clock() - self._last_save >= self._interval_s
-    if step < self._next_check:
-      return False
-    now = self._clock()
-    left = self._last_save + self._interval_s - now
-    due = left <= 0
-    gap = 1
-    if self._checked is not None and step > self._checked[0] and now > self._checked[1]:
-      steps_per_s = (step - self._checked[0]) / (now - self._checked[1])
-      gap = int(self._SHORTEN * (self._interval_s if due else left) * steps_per_s)
-    self._checked = (step, now)
-    # Only process 0's values count.
-    due, gap = (int(x) for x in multihost_utils.broadcast_one_to_all(
-        np.array([due, min(max(gap, 1), 1 << 30)], np.int32)))
-    self.broadcasts += 1
-    self._next_check = step + gap
-    return bool(due)
-
-
 class Checkpointer:
   """Saves every `every_steps` and `every_minutes`, at the end and on preemption;
   restores the latest good step.
@@ -204,7 +156,7 @@ class Checkpointer:
                   "num_processes": jax.process_count(),
                   "config": json.loads(config.to_json_best_effort())}
     self._saving: Optional[int] = None  # the step of the latest save started
-    self._timer = _TimeTrigger(ckpt.every_minutes, clock, jax.process_count())
+    self._timer = save_timer.SaveTimer(ckpt.every_minutes, clock, jax.process_count())
     _check_shared(self.directory)
     self._report_unfinished_saves()
     self._mngr = _manager(self.directory, self._options())

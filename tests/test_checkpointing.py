@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mrl_jax import checkpointing, config_checks, data, experiment, sharding
+from mrl_jax import checkpointing, config_checks, data, experiment, save_timer, sharding
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
 from mrl_jax.tools import benchmark_checkpoint
@@ -286,7 +286,7 @@ def test_with_several_processes_the_time_is_checked_a_few_times_per_interval():
   """Process 0's clock decides, broadcast at steps every process knows in advance;
   at a steady pace the checks land on the first step past each deadline."""
   clock = _FakeClock()
-  trigger = checkpointing._TimeTrigger(10.0, clock, num_processes=2)
+  trigger = save_timer.SaveTimer(10.0, clock, num_processes=2)
   saves = []
   for step in range(1, 3001):  # one step a second: 600 steps per 10 minutes
     clock.now = float(step)
