@@ -66,7 +66,7 @@ class Model:
                step: int, source: str):
     self.config, self.step, self.source = config, int(step), source
     self._graphdef = graphdef
-    self.mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+    self.mesh = _local_mesh()
     replicated = sharding.replicated(self.mesh)
     self._state = jax.device_put({"params": params, "model_state": model_state}, replicated)
     self.params, self.model_state = self._state["params"], self._state["model_state"]
@@ -215,8 +215,7 @@ def load(path: str, *, step: Optional[int] = None) -> Model:
       raise ConfigError(f"{path} is step {os.path.basename(path)}; do not pass step={step}.")
     step, path = int(os.path.basename(path)), os.path.dirname(os.path.dirname(path))
   config = read_run_config(path)
-  run = restore.load_run(config, path, step, mesh=sharding.make_mesh(
-      ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))))
+  run = restore.load_run(config, path, step, mesh=_local_mesh())
   return Model(config, run.state["params"], run.state["model_state"], run.graphdef,
                step=run.step, source=path)
 
@@ -264,6 +263,12 @@ def _load_export(directory: str) -> Model:
                                         source=os.path.join(directory, EXPORT_WEIGHTS))
   return Model(config, params, model_state, graphdef, step=meta.get("step", 0),
                source=directory)
+
+
+def _local_mesh() -> jax.sharding.Mesh:
+  """Data parallel over this process's devices (inference needs no other host)."""
+  return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)),
+                            devices=jax.local_devices())
 
 
 def _embed_width(model) -> int:
