@@ -31,6 +31,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$WORKDIR/logs"
 
 pids=()
+# shellcheck disable=SC2317  # called by the trap
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 }

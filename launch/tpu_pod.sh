@@ -1,69 +1,53 @@
 #!/usr/bin/env bash
-# Runs mrl_jax on every worker of a Cloud TPU VM (pod slice), one process per worker.
+# Runs mrl_jax on every worker of an existing Cloud TPU VM (pod slice), one process per
+# worker, once. To request a slice, restart after preemption and delete it at the end,
+# use tpu_queued.sh.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=tpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/tpu_common.sh"
 
 usage() {
   cat <<USAGE
-Usage: TPU_NAME=my-tpu ZONE=us-central2-b [VAR=...] $0 [--config.field=value ...]
+Usage: $0 --name=TPU --zone=ZONE --workdir=DIR [flag ...] [-- mrl_jax.main flag ...]
 
-Copies this repository to every worker of the TPU VM \$TPU_NAME, installs it,
-then runs the same training command on all workers at once. Extra arguments
-are passed to mrl_jax.main (config overrides).
+Copies this checkout to every worker of the TPU VM, installs it, runs
+python3 -m mrl_jax.main --distributed=on on all workers at once and copies each
+worker's log back.
 
-Environment (defaults in brackets):
-  TPU_NAME          the TPU VM / pod slice                      [required]
-  ZONE              its zone                                    [required]
-  PROJECT           gcloud project                              [gcloud default]
-  ACCELERATOR_TYPE  with CREATE=1: e.g. v4-32, v5litepod-16     [v4-32]
-  RUNTIME_VERSION   with CREATE=1: the TPU VM image             [tpu-ubuntu2204-base]
-  CREATE            1: create the TPU VM first                  [0]
-  INSTALL           0: skip copying and pip install (re-runs)   [1]
-  CONFIG            config path[:variant] on the workers        [configs/demo.py]
-  WORKDIR           output dir; use gs:// or a shared disk for
-                    multi-worker runs (process 0 writes)        [/tmp/mrl_jax]
-  REMOTE_DIR        checkout location on the workers            [~/mrl_jax]
+Flags (defaults in brackets; the environment variable in parentheses):
+  --name        the TPU VM / pod slice                         [required] (TPU_NAME)
+  --zone        its zone                                       [required] (ZONE)
+  --project     gcloud project                        [gcloud default] (PROJECT)
+  --config      config path[:variant] in this checkout [configs/demo.py] (CONFIG)
+  --workdir     output dir; gs://bucket/path when the VM has several workers
+                (they share no disk)                           [required] (WORKDIR)
+  --no_install  skip copying and installing (a re-run of the same checkout)
+  --log_dir     where the logs are copied    [~/mrl_jax_logs/NAME-<time>]
+  --python      Python version of the workers' venv            [$PYTHON]
+  --dry_run     print the gcloud commands and run nothing
+Everything after -- is passed to mrl_jax.main, e.g. -- --config.total_steps=1000.
 USAGE
 }
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
-if [[ -z "${TPU_NAME:-}" || -z "${ZONE:-}" ]]; then usage >&2; exit 2; fi
+NO_INSTALL=0
+if [[ "${INSTALL:-1}" == 0 ]]; then NO_INSTALL=1; fi
+VALUE_FLAGS="name zone project config workdir log_dir python"
+BOOL_FLAGS="no_install dry_run"
+parse_flags "$@"
+check_common_flags
+LOG_DIR="${LOG_DIR:-$HOME/mrl_jax_logs/$NAME-$(date +%Y%m%d-%H%M%S)}"
 
-ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
-RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
-CREATE="${CREATE:-0}"
-INSTALL="${INSTALL:-1}"
-CONFIG="${CONFIG:-configs/demo.py}"
-WORKDIR="${WORKDIR:-/tmp/mrl_jax}"
-REMOTE_DIR="${REMOTE_DIR:-~/mrl_jax}"
-PROJECT_FLAG=()
-if [[ -n "${PROJECT:-}" ]]; then PROJECT_FLAG=(--project "$PROJECT"); fi
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Overrides reach the remote shell as one quoted string.
-EXTRA_ARGS=""
-if (($#)); then EXTRA_ARGS="$(printf ' %q' "$@")"; fi
-
-on_all_workers() {
-  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" \
-    --worker=all --command "$1"
-}
-
-if [[ "$CREATE" == "1" ]]; then
-  gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" \
-    --accelerator-type "$ACCELERATOR_TYPE" --version "$RUNTIME_VERSION"
+workers="$(worker_count "$NAME")" || die "cannot describe TPU VM $NAME in $ZONE"
+if ((workers > 1)); then
+  require_bucket_workdir "the $workers workers of $NAME share no disk"
 fi
-
-if [[ "$INSTALL" == "1" ]]; then
-  # The same code on every worker: all processes must run the same program.
-  tar -C "$REPO_ROOT" --exclude=.git --exclude='*.pyc' -czf /tmp/mrl_jax_src.tgz .
-  gcloud compute tpus tpu-vm scp /tmp/mrl_jax_src.tgz "$TPU_NAME":/tmp/mrl_jax_src.tgz \
-    --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all
-  # requirements.txt pins the CPU jaxlib; jax[tpu] at the same version adds libtpu.
-  on_all_workers "set -e; mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf /tmp/mrl_jax_src.tgz \
-    && cd $REMOTE_DIR && python3 -m pip install -q -r requirements.txt \
-    && python3 -m pip install -q \"jax[tpu]==\$(python3 -c 'import jax; print(jax.__version__)')\""
+if ((!DRY_RUN)); then mkdir -p "$LOG_DIR"; fi
+if ((!NO_INSTALL)); then
+  pack_repo
+  install_on_node "$NAME"
 fi
-
-# --distributed=on, no coordinator flags: on a TPU VM each worker learns its id and worker 0's
-# address from the GCE metadata server. Logs stream here, prefixed per worker.
-on_all_workers "set -o pipefail; cd $REMOTE_DIR && python3 -m mrl_jax.main --distributed=on --config=$CONFIG \
-  --workdir=$WORKDIR$EXTRA_ARGS 2>&1 | tee -a /tmp/mrl_jax_\$(hostname).log"
+status=0
+train_on_node "$NAME" "$LOG_DIR/$NAME.log" || status=$?
+fetch_worker_logs "$NAME" "$LOG_DIR"
+if ((!DRY_RUN)); then log "logs in $LOG_DIR"; fi
+exit "$status"
