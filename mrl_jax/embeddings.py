@@ -15,16 +15,21 @@ wrote. Layout of a split's directory (default
 A shard is a preallocated `.npy` memory map filled as batches arrive, so
 ImageNet train (1.28M × 2048) never sits in host memory. Several processes
 write into one directory, so with more than one host it must be on a shared
-file system, as the checkpoints are.
+file system, as the checkpoints are: a bucket (`gs://…`) is one. There
+(mrl_jax.paths) a shard is filled in a local temporary file and uploaded when
+full, so the local disk holds one shard at a time (`embed.shard_size` bounds
+it), and reading loads z into memory instead of memory-mapping it.
 """
 
 import dataclasses
-import json
 import os
+import shutil
+import tempfile
 from typing import Any, Dict, List
 
 import numpy as np
 
+from mrl_jax import paths
 from mrl_jax.errors import MissingFileError
 
 INDEX_FILE = "index.json"
@@ -40,29 +45,33 @@ class Embeddings:
 
 def embeddings_dir(workdir: str, step: int, split: str) -> str:
   """Where a run's embeddings of `split` at `step` live by default."""
-  return os.path.join(os.path.abspath(workdir), "embeddings", f"step_{step}", split)
+  return paths.join(workdir, "embeddings", f"step_{step}", split)
 
 
 def is_complete(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, INDEX_FILE))
+  return paths.exists(paths.join(directory, INDEX_FILE))
 
 
 def read_embeddings(directory: str, mmap: bool = True) -> Embeddings:
   """The embeddings of one split directory; z is memory-mapped for a single shard, and
-  concatenated into memory (the size of the split) for several."""
-  index_path = os.path.join(directory, INDEX_FILE)
-  if not os.path.exists(index_path):
+  concatenated into memory (the size of the split) for several; never mapped from a
+  bucket (read into memory)."""
+  index_path = paths.join(directory, INDEX_FILE)
+  if not paths.exists(index_path):
     raise MissingFileError(f"No embeddings in {directory} (no {INDEX_FILE}): write them with "
                            "`python -m mrl_jax.embed --config=... --workdir=... --split=...`.")
-  with open(index_path, encoding="utf-8") as f:
-    index = json.load(f)
+  index = paths.read_json(index_path)
   if not index["shards"]:
     raise MissingFileError(f"{index_path} lists no shards; the split was empty.")
   parts = {"z": [], "labels": [], "ids": []}
   for shard in index["shards"]:
     for key in parts:
-      array = np.load(os.path.join(directory, f"{shard['name']}.{key}.npy"),
-                      mmap_mode="r" if mmap and key == "z" else None)
+      path = paths.join(directory, f"{shard['name']}.{key}.npy")
+      if mmap and key == "z" and paths.is_local(path):
+        array = np.load(path, mmap_mode="r")
+      else:
+        with paths.open_read(path) as f:
+          array = np.load(f)
       parts[key].append(array[:shard["count"]])
   joined = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
   return Embeddings(**joined)
@@ -71,12 +80,12 @@ def read_embeddings(directory: str, mmap: bool = True) -> Embeddings:
 def clear_process_files(out_dir: str, process: int) -> None:
   """Removes `process`'s shards (and, for process 0, the index) of an earlier write, so
   a rewrite never mixes old and new rows."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   if process == 0 and is_complete(out_dir):
-    os.remove(os.path.join(out_dir, INDEX_FILE))
-  for name in os.listdir(out_dir):
+    paths.remove(paths.join(out_dir, INDEX_FILE))
+  for name in paths.listdir(out_dir):
     if name.startswith(f"p{process:03d}-"):
-      os.remove(os.path.join(out_dir, name))
+      paths.remove(paths.join(out_dir, name))
 
 
 class ShardWriter:
@@ -96,6 +105,8 @@ class ShardWriter:
     self.shard_size = shard_size if shard_size > 0 else max(capacity, 1)
     self.shards: List[Dict[str, Any]] = []
     self._z = None
+    # A bucket cannot be memory-mapped: a shard fills a local file, uploaded when full.
+    self._stage = None if paths.is_local(out_dir) else tempfile.mkdtemp(prefix="mrl_jax_z_")
 
   def add(self, rows: np.ndarray, host: Dict[str, np.ndarray]) -> None:
     if len(rows) != len(host["mask"]):
@@ -120,39 +131,60 @@ class ShardWriter:
     if size <= 0:
       raise RuntimeError("More examples than this process's shard of the split holds.")
     self._name = f"p{self.process:03d}-{len(self.shards):05d}"
-    self._z = np.lib.format.open_memmap(os.path.join(self.out_dir, f"{self._name}.z.npy"),
-                                        mode="w+", dtype=self.dtype, shape=(size, dim))
+    self._z = np.lib.format.open_memmap(self._z_file(), mode="w+", dtype=self.dtype,
+                                        shape=(size, dim))
     self.remaining -= size
     self._count, self._labels, self._ids = 0, [], []
+
+  def _z_file(self) -> str:
+    name = f"{self._name}.z.npy"
+    return os.path.join(self._stage, name) if self._stage else paths.join(self.out_dir, name)
 
   def _finish(self) -> None:
     self._z.flush()
     self._z = None
+    if self._stage:
+      paths.upload(self._z_file(), paths.join(self.out_dir, f"{self._name}.z.npy"))
+      os.remove(self._z_file())
     ids = np.concatenate(self._ids)
     if ids.dtype == object:
       ids = ids.astype(str)
-    np.save(os.path.join(self.out_dir, f"{self._name}.labels.npy"),
-            np.concatenate(self._labels))
-    np.save(os.path.join(self.out_dir, f"{self._name}.ids.npy"), ids)
+    _save(paths.join(self.out_dir, f"{self._name}.labels.npy"), np.concatenate(self._labels))
+    _save(paths.join(self.out_dir, f"{self._name}.ids.npy"), ids)
     self.shards.append({"name": self._name, "count": int(self._count)})
 
   def close(self) -> None:
     """Finishes a partly filled shard (skipped images leave its last rows unused)."""
     if self._z is not None and self._count:
       self._finish()
-    with open(os.path.join(self.out_dir, f"index-p{self.process:03d}.json"), "w",
-              encoding="utf-8") as f:
-      json.dump({"shards": self.shards}, f)
+    paths.write_json(paths.join(self.out_dir, f"index-p{self.process:03d}.json"),
+                     {"shards": self.shards}, indent=None)
+    if self._stage:
+      self._z = None
+      shutil.rmtree(self._stage, ignore_errors=True)  # a never-filled shard's local file
+      self._stage = None
 
 
 def write_index(out_dir: str, num_processes: int, info: Dict[str, Any]) -> None:
   """index.json from every process's shard list (process 0, once all have closed)."""
   shards = []
   for p in range(num_processes):
-    with open(os.path.join(out_dir, f"index-p{p:03d}.json"), encoding="utf-8") as f:
-      shards.extend(json.load(f)["shards"])
-  dim = (int(np.load(os.path.join(out_dir, f"{shards[0]['name']}.z.npy"), mmap_mode="r")
-             .shape[1]) if shards else 0)
+    shards.extend(paths.read_json(paths.join(out_dir, f"index-p{p:03d}.json"))["shards"])
+  dim = (int(_npy_shape(paths.join(out_dir, f"{shards[0]['name']}.z.npy"))[1])
+         if shards else 0)
   info = dict(info, dim=dim, num_examples=sum(s["count"] for s in shards), shards=shards)
-  with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=2)
+  paths.write_json(paths.join(out_dir, INDEX_FILE), info)
+
+
+def _save(path: str, array: np.ndarray) -> None:
+  with paths.atomic_open(path, "wb") as f:
+    np.save(f, array)
+
+
+def _npy_shape(path: str):
+  """The shape in a .npy header, without reading the array (it may be in a bucket)."""
+  with paths.open_read(path) as f:
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    return read(f)[0]

@@ -48,12 +48,14 @@ def main(argv) -> None:
     raise ConfigError("config.evals is empty: add evaluators, e.g. "
                       "evals.classification = {'type': 'classification'}.")
   writer = MetricWriter(workdir)
-  with restore.RoundFunctions(run, workdir, keep_embeddings=True) as fns:
-    ctx = evaluators.EvalContext(run.step, run.dims, run.mesh, fns.embed_split,
-                                 fns.apply_heads)
-    results = runner.evaluate_round(ctx, evals, workdir, title=runner.title_of(config),
-                                    writer=writer, compare=compare)
-  writer.close()
+  try:
+    with restore.RoundFunctions(run, workdir, keep_embeddings=True) as fns:
+      ctx = evaluators.EvalContext(run.step, run.dims, run.mesh, fns.embed_split,
+                                   fns.apply_heads)
+      results = runner.evaluate_round(ctx, evals, workdir, title=runner.title_of(config),
+                                      writer=writer, compare=compare)
+  finally:
+    writer.close()  # On a bucket the metrics lines are buffered until here.
   if jax.process_index() == 0:
     print(json.dumps({"step": run.step, "results": {r.name: r.metrics for r in results}}))
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mrl_jax import data, restore, sharding, steps
+from mrl_jax import data, paths, restore, sharding, steps
 from mrl_jax.errors import ConfigError, MissingFileError
 from mrl_jax.interop import flat, torch_files
 
@@ -207,13 +207,14 @@ def load(path: str, *, step: Optional[int] = None) -> Model:
   """The model at `path`: a run's workdir (its latest checkpoint, or `step`), a checkpoint
   step directory (<workdir>/checkpoints/<step>), or an exported directory
   (`python -m mrl_jax.tools.export`: model.safetensors + mrl_config.json)."""
-  path = os.path.abspath(os.path.expanduser(str(path)))
-  if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
-    return _load_export(path)
-  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-    if step is not None and int(step) != int(os.path.basename(path)):
-      raise ConfigError(f"{path} is step {os.path.basename(path)}; do not pass step={step}.")
-    step, path = int(os.path.basename(path)), os.path.dirname(os.path.dirname(path))
+  where = paths.as_path(path)  # a local path or a bucket URL (mrl_jax.paths)
+  if paths.is_file(where / EXPORT_CONFIG):
+    return _load_export(str(where))
+  if where.name.isdigit() and where.parent.name == "checkpoints":
+    if step is not None and int(step) != int(where.name):
+      raise ConfigError(f"{where} is step {where.name}; do not pass step={step}.")
+    step, where = int(where.name), where.parent.parent
+  path = str(where)
   config = read_run_config(path)
   run = restore.load_run(config, path, step, mesh=_local_mesh())
   return Model(config, run.state["params"], run.state["model_state"], run.graphdef,
@@ -222,14 +223,13 @@ def load(path: str, *, step: Optional[int] = None) -> Model:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (its config.json, written by every run)."""
-  config_path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.isfile(config_path):
+  config_path = paths.join(workdir, RUN_CONFIG)
+  if not paths.exists(config_path):
     raise MissingFileError(
         f"{workdir} is not a run's workdir (no {RUN_CONFIG}), a checkpoint step directory "
         f"or an exported model (no {EXPORT_CONFIG}). Point at the --workdir of a "
         "`python -m mrl_jax.main` run, or export one with `python -m mrl_jax.tools.export`.")
-  with open(config_path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(paths.read_json(config_path))
 
 
 def export_metadata(config: Any, dims: Sequence[int], step: int) -> Dict[str, Any]:
@@ -251,16 +251,16 @@ def export_metadata(config: Any, dims: Sequence[int], step: int) -> Dict[str, An
 
 
 def _load_export(directory: str) -> Model:
-  with open(os.path.join(directory, EXPORT_CONFIG), encoding="utf-8") as f:
-    meta = json.load(f)
+  meta = paths.read_json(paths.join(directory, EXPORT_CONFIG))
   if meta.get("format") != "mrl_jax":
     raise ConfigError(f"{directory}/{EXPORT_CONFIG} is not an mrl_jax export (format "
                       f"{meta.get('format')!r}); export with `python -m mrl_jax.tools.export`.")
   config = ml_collections.ConfigDict(meta["config"])
-  weights = torch_files.load_state_dict(os.path.join(directory, EXPORT_WEIGHTS))
+  weights_path = paths.join(directory, EXPORT_WEIGHTS)
+  with paths.staged_read(weights_path) as local:  # safetensors reads a local file
+    weights = torch_files.load_state_dict(local)
   graphdef, params, model_state = flat.model_template(config)
-  params, model_state = flat.into_state(weights, params, model_state,
-                                        source=os.path.join(directory, EXPORT_WEIGHTS))
+  params, model_state = flat.into_state(weights, params, model_state, source=weights_path)
   return Model(config, params, model_state, graphdef, step=meta.get("step", 0),
                source=directory)
 
@@ -280,10 +280,9 @@ def _image_input(x: ImageLike):
   if isinstance(x, (bytes, bytearray, memoryview, np.ndarray)):
     return bytes(x) if not isinstance(x, np.ndarray) else x
   if isinstance(x, (str, os.PathLike)):
-    if not os.path.isfile(x):
+    if not paths.is_file(x):
       raise MissingFileError(f"No image file {x}.")
-    with open(x, "rb") as f:
-      return f.read()
+    return paths.read_bytes(x)
   if hasattr(x, "convert"):  # a PIL image
     return np.asarray(x.convert("RGB"))
   raise ConfigError(f"Cannot read an image from {type(x).__name__}: pass uint8 arrays, PIL "

@@ -1,12 +1,13 @@
-"""Per-nesting-dim results as files a person reads: JSON, CSV, Markdown and a PNG plot."""
+"""Per-nesting-dim results as files a person reads: JSON, CSV, Markdown and a PNG plot
+(written through mrl_jax.paths, so the workdir may be a bucket)."""
 
 import csv
-import json
-import os
 from typing import Dict, Sequence
 
 import jax
 import numpy as np
+
+from mrl_jax import paths
 
 
 def write_per_dim_results(workdir: str, dims: Sequence[int], columns: Dict[str, Sequence[float]],
@@ -15,18 +16,15 @@ def write_per_dim_results(workdir: str, dims: Sequence[int], columns: Dict[str, 
   table = format_table(dims, columns)
   if jax.process_index() != 0:
     return table
-  os.makedirs(workdir, exist_ok=True)
-  base = os.path.join(workdir, name)
+  base = paths.join(workdir, name)
   rows = [dict(dim=int(m), **{k: float(v[i]) for k, v in columns.items()})
           for i, m in enumerate(dims)]
-  with open(base + ".json", "w", encoding="utf-8") as f:
-    json.dump({"title": title, "rows": rows}, f, indent=2)
-  with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
+  paths.write_json(base + ".json", {"title": title, "rows": rows})
+  with paths.atomic_open(base + ".csv") as f:
     writer = csv.DictWriter(f, fieldnames=["dim", *columns])
     writer.writeheader()
     writer.writerows(rows)
-  with open(base + ".md", "w", encoding="utf-8") as f:
-    f.write((f"# {title}\n\n" if title else "") + table + "\n")
+  paths.write_text(base + ".md", (f"# {title}\n\n" if title else "") + table + "\n")
   _plot(base + ".png", dims, columns, title)
   return table
 
@@ -62,5 +60,5 @@ def _plot(path: str, dims, columns, title: str) -> None:
   ax.legend()
   ax.set_title(title or "accuracy vs nesting dim")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.savefig(fig, path, dpi=120)
   plt.close(fig)

@@ -12,8 +12,6 @@ apply-the-heads function.
 """
 
 import dataclasses
-import os
-import shutil
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,7 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mrl_jax import checkpointing, data, experiment, optim, sharding, steps
+from mrl_jax import checkpointing, data, experiment, optim, paths, sharding, steps
 from mrl_jax.data import pipeline
 from mrl_jax.embeddings import (Embeddings, ShardWriter, clear_process_files, embeddings_dir,
                                 is_complete, read_embeddings, write_index)
@@ -230,10 +228,11 @@ class RoundFunctions:
     _sync(f"mrl_jax_eval_done_{self.run.step}")  # Every process is done with the files.
     if jax.process_index() == 0:
       for directory in self._written:
-        shutil.rmtree(directory, ignore_errors=True)
-        for parent in (os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
-          if os.path.isdir(parent) and not os.listdir(parent):
-            os.rmdir(parent)
+        paths.remove_tree(directory)
+        parent = paths.as_path(directory).parent  # step_<N>/, then embeddings/, if empty
+        for folder in (parent, parent.parent):
+          if paths.is_dir(folder) and not paths.listdir(folder):
+            folder.rmdir()
     self._written = []
 
   def __enter__(self) -> "RoundFunctions":

@@ -4,8 +4,6 @@ Side effects (I/O, logging, checkpoints) live here and in the modules it calls.
 """
 
 import contextlib
-import json
-import os
 import time
 from typing import Any, Dict, Iterator, Optional
 
@@ -14,7 +12,7 @@ import numpy as np
 from absl import logging
 
 from mrl_jax import (checkpointing, config_checks, data, evaluators, experiment, fault_tolerance,
-                     report, restore, sharding)
+                     paths, report, restore, sharding)
 from mrl_jax.data import pipeline
 from mrl_jax.evaluators import runner
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
@@ -28,12 +26,10 @@ def run(config: Any, workdir: str) -> Dict[str, Any]:
   from the workdir's checkpoint if there is one) with its evaluations, `summary.json`."""
   checkpointing.check_writable(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   results = train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    paths.write_json(paths.join(workdir, SUMMARY_FILE), results)
   return results
 
 
@@ -111,11 +107,11 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
     watcher.close()
     batches.close()
     ckpt.close()  # Waits for the saves in flight, whatever ended the run.
+    writer.close()  # On a bucket the metrics are buffered: written now, even if preempted.
   table = report.write_per_dim_results(
       workdir, dims, results,
       title=f"{config.model.name} {config.model.variant} {config.mrl.mode}: "
             f"val accuracy per nesting dim after {step} steps")
-  writer.close()
   wall = time.time() - start
   logging.info("Done: %d steps in %.1fs (%.0f img/s while training).\n%s",
                step, wall, progress.mean_rate, table)

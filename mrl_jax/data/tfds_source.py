@@ -18,6 +18,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from mrl_jax import paths
 from mrl_jax.data import SOURCES
 from mrl_jax.errors import ConfigError, MissingFileError
 
@@ -41,8 +42,8 @@ def _tfds():
 
 def _builder(name: str, data_dir: str):
   """The prepared builder of `name` in `data_dir`; clear errors if it is not usable."""
-  where = os.path.join(data_dir, name.split(":")[0])
-  if not os.path.isdir(where):
+  where = paths.join(data_dir, name.split(":")[0])  # data_dir may be gs://… (TFDS reads it)
+  if not paths.is_dir(where):
     raise MissingFileError(
         f"Dataset {name!r} was not found: looked in {where}. Prepare it there "
         "(see docs/data.md), point to it with "
@@ -54,7 +55,7 @@ def _builder(name: str, data_dir: str):
   except tfds.core.DatasetNotFoundError:
     builder = None
   if builder is None or not builder.is_prepared():
-    found = ", ".join(sorted(os.listdir(where))) or "nothing"
+    found = ", ".join(paths.listdir(where)) or "nothing"
     raise MissingFileError(
         f"No prepared version of dataset {name!r} in {where} (it holds: {found}). "
         "Finish preparing it (see docs/data.md), or name a prepared "

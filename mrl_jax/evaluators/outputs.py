@@ -21,13 +21,12 @@ and `<workdir>/eval/latest.json` (every result of the round, what `compare` read
 import csv
 import dataclasses
 import json
-import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-from mrl_jax import report
+from mrl_jax import paths, report
 from mrl_jax.metric_writer import MetricWriter, per_dim_scalars
 from mrl_jax.errors import MissingFileError
 
@@ -43,8 +42,8 @@ def write_results(workdir: str, results: Sequence, *, step: int,
     writer.write(step, {k: v for r in results for name, values in r.metrics.items()
                         for k, v in per_dim_scalars(f"eval/{r.name}", name, r.dims,
                                                     values).items()})
-  out_dir = os.path.join(workdir, "eval", f"step_{step}")
-  rel = os.path.relpath(out_dir, workdir)
+  out_dir = paths.join(workdir, "eval", f"step_{step}")
+  rel = f"eval/step_{step}"  # the report's links, relative to the workdir
   others = load_runs(compare or {})
   lines = [f"# {title or 'Evaluation'}", "", f"Step {step}.", ""]
   for r in results:
@@ -56,9 +55,8 @@ def write_results(workdir: str, results: Sequence, *, step: int,
   text = "\n".join(lines)
   if jax.process_index() != 0:
     return text
-  os.makedirs(out_dir, exist_ok=True)
   for r in results:
-    base = os.path.join(out_dir, r.name)
+    base = paths.join(out_dir, r.name)
     write_json(base + ".json", r, step)
     write_csv(base + ".csv", r.dims, r.metrics)
     plot(base + ".png", {k: (r.dims, v) for k, v in r.metrics.items()},
@@ -74,21 +72,18 @@ def write_results(workdir: str, results: Sequence, *, step: int,
     if _per_dim_mflops(r):
       plot(base + "_mflops.png", *_cost_series(r), xlabel="MFLOPs per query",
            title=f"{r.name}: quality vs cost", log_base=10)
-  with open(os.path.join(workdir, "eval", "latest.json"), "w", encoding="utf-8") as f:
-    json.dump({"step": int(step), "results": [_jsonable(r, step) for r in results]}, f,
-              indent=2)
-  with open(os.path.join(workdir, "eval_report.md"), "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  paths.write_json(paths.join(workdir, "eval", "latest.json"),
+                   {"step": int(step), "results": [_jsonable(r, step) for r in results]})
+  paths.write_text(paths.join(workdir, "eval_report.md"), text + "\n")
   return text
 
 
 def write_json(path: str, result, step: int) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(_jsonable(result, step), f, indent=2)
+  paths.write_json(path, _jsonable(result, step))
 
 
 def write_csv(path: str, dims: Sequence[int], metrics: Mapping[str, Sequence[float]]) -> None:
-  with open(path, "w", newline="", encoding="utf-8") as f:
+  with paths.atomic_open(path) as f:
     out = csv.writer(f)
     out.writerow(["dim", *metrics])
     for i, m in enumerate(dims):
@@ -101,15 +96,14 @@ def load_runs(compare: Mapping[str, Sequence[str]]) -> Dict[str, Dict[str, Serie
   merged: Dict[str, Dict[str, Dict[str, Dict[int, float]]]] = {}
   for label, workdirs in compare.items():
     for workdir in workdirs:
-      path = os.path.join(workdir, "eval", "latest.json")
-      if not os.path.exists(path):
+      path = paths.join(workdir, "eval", "latest.json")
+      if not paths.exists(path):
         raise MissingFileError(f"--compare {label}={workdir}: {path} does not exist; run "
                                f"python -m mrl_jax.evaluate on that run first.")
-      with open(path, encoding="utf-8") as f:
-        for r in json.load(f)["results"]:
-          for key, values in r["metrics"].items():
-            points = merged.setdefault(r["name"], {}).setdefault(key, {}).setdefault(label, {})
-            points.update(zip(r["dims"], values))
+      for r in paths.read_json(path)["results"]:
+        for key, values in r["metrics"].items():
+          points = merged.setdefault(r["name"], {}).setdefault(key, {}).setdefault(label, {})
+          points.update(zip(r["dims"], values))
   return {name: {key: {label: (sorted(p), [p[m] for m in sorted(p)])
                        for label, p in labels.items()} for key, labels in keys.items()}
           for name, keys in merged.items()}
@@ -152,7 +146,7 @@ def plot(path: str, series: Series, markers: Optional[Series] = None, *, xlabel:
     ax.legend(fontsize=8)
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  paths.savefig(fig, path, dpi=110)
   plt.close(fig)
 
 

@@ -26,7 +26,6 @@ and continued at any point. Config overrides (`--config.num_epochs=1`,
 
 import csv
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -36,7 +35,7 @@ import ml_collections
 from absl import flags, logging
 from flax import nnx
 
-from mrl_jax import cli, experiment, train
+from mrl_jax import cli, experiment, paths, train
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import outputs
 
@@ -158,37 +157,36 @@ def run_config(base, spec: RunSpec) -> ml_collections.ConfigDict:
 
 
 def is_finished(run_dir: str) -> bool:
-  return os.path.exists(os.path.join(run_dir, train.SUMMARY_FILE))
+  return paths.exists(paths.join(run_dir, train.SUMMARY_FILE))
 
 
 def run_study(base, specs: Sequence[RunSpec], workdir: str) -> Dict[str, float]:
   """Trains and evaluates every unfinished run; returns each run's wall seconds."""
   walls: Dict[str, float] = {}
-  todo = [s for s in specs if not is_finished(os.path.join(workdir, s.name))]
+  todo = [s for s in specs if not is_finished(paths.join(workdir, s.name))]
   logging.info("%d runs, %d finished, %d to train: %s", len(specs), len(specs) - len(todo),
                len(todo), ", ".join(s.name for s in todo) or "none")
   started = time.time()
   for i, spec in enumerate(todo):
-    run_dir = os.path.join(workdir, spec.name)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = paths.join(workdir, spec.name)
+    paths.makedirs(run_dir)
     eta = ((time.time() - started) / i * (len(todo) - i)) if i else 0.0
     logging.info("=== run %d/%d: %s (%s)%s", i + 1, len(todo), spec.name, spec.label,
                  f", ETA of the study {eta / 60:.1f} min" if i else "")
     train.run(run_config(base, spec), run_dir)
     jax.clear_caches()  # Each run compiles its own model; free the last one's executables.
   for spec in specs:
-    with open(os.path.join(workdir, spec.name, train.SUMMARY_FILE), encoding="utf-8") as f:
-      walls[spec.name] = float(json.load(f)["wall_seconds"])
+    summary = paths.read_json(paths.join(workdir, spec.name, train.SUMMARY_FILE))
+    walls[spec.name] = float(summary["wall_seconds"])
   return walls
 
 
 def _results(run_dir: str) -> Dict[str, dict]:
   """The run's evaluator results by name ({} if its config has no evaluators)."""
-  path = os.path.join(run_dir, "eval", "latest.json")
-  if not os.path.exists(path):
+  path = paths.join(run_dir, "eval", "latest.json")
+  if not paths.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    return {r["name"]: r for r in json.load(f)["results"]}
+  return {r["name"]: r for r in paths.read_json(path)["results"]}
 
 
 def _series(result: Optional[dict], metric: str) -> Dict[int, float]:
@@ -202,10 +200,9 @@ def collect(specs: Sequence[RunSpec], workdir: str) -> List[dict]:
   "FF-k" row per metric, each contributing its own k."""
   rows: Dict[tuple, Dict[int, float]] = {}
   for spec in specs:
-    results = _results(os.path.join(workdir, spec.name))
+    results = _results(paths.join(workdir, spec.name))
     if "classification" not in results:  # the heads' top-1 is in every run's summary
-      with open(os.path.join(workdir, spec.name, train.SUMMARY_FILE), encoding="utf-8") as f:
-        summary = json.load(f)
+      summary = paths.read_json(paths.join(workdir, spec.name, train.SUMMARY_FILE))
       results["classification"] = {"dims": summary["dims"], "metrics": {"top1": summary["top1"]}}
     for evaluator, metric, label in TABLE_METRICS:
       values = _series(results.get(evaluator), metric)
@@ -232,7 +229,7 @@ def adaptive_summary(specs: Sequence[RunSpec], workdir: str,
   largest head (the paper's "14× smaller"), or comes within `tolerance` of it."""
   lines = []
   for spec in specs:
-    result = _results(os.path.join(workdir, spec.name)).get("adaptive_classification")
+    result = _results(paths.join(workdir, spec.name)).get("adaptive_classification")
     if not result:
       continue
     fixed, d = result["metrics"]["top1"][-1], result["dims"][-1]
@@ -262,24 +259,22 @@ def write_outputs(workdir: str, rows: List[dict], notes: Sequence[str], title: s
       cells = [f"{100 * r['values'][m]:.2f}" if m in r["values"] else "" for m in dims]
       lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     png = f"comparison_{_slug(metric)}.png"
-    outputs.plot(os.path.join(workdir, png),
+    outputs.plot(paths.join(workdir, png),
                  {r["method"]: (list(r["values"]), list(r["values"].values())) for r in group},
                  xlabel="representation size (nesting dim m)", title=f"{metric} vs dim")
     lines += ["", f"![{metric}]({png})", ""]
   lines += list(notes)
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "comparison.md"), "w", encoding="utf-8") as f:
-    f.write(text)
-  with open(os.path.join(workdir, "comparison.csv"), "w", newline="", encoding="utf-8") as f:
+  paths.write_text(paths.join(workdir, "comparison.md"), text)
+  with paths.atomic_open(paths.join(workdir, "comparison.csv")) as f:
     out = csv.writer(f)
     out.writerow(["method", "metric", "dim", "value"])
     for r in rows:
       for m, v in r["values"].items():
         out.writerow([r["method"], r["metric"], m, repr(float(v))])
-  with open(os.path.join(workdir, "comparison.json"), "w", encoding="utf-8") as f:
-    json.dump({"title": title, "rows": [dict(r, values={str(m): v for m, v in
-                                                        r["values"].items()}) for r in rows]},
-              f, indent=2)
+  paths.write_json(paths.join(workdir, "comparison.json"), {
+      "title": title,
+      "rows": [dict(r, values={str(m): v for m, v in r["values"].items()}) for r in rows]})
   return text
 
 
@@ -299,7 +294,7 @@ def compare(base, workdir: str, study: str = "methods",
       raise ConfigError(f"--only names unknown runs {unknown}; this study has "
                         f"{[s.name for s in specs]}.")
     specs = [s for s in specs if s.name in only]
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   start = time.time()
   walls = run_study(base, specs, workdir)
   cores = os.cpu_count()

@@ -21,7 +21,8 @@ L2-normalised. Output in --output:
   index.json              model, dims, counts (written last: the output is complete)
 
 The work is split into parts of --part_size inputs, each written when done, so a
-killed run resumes where it stopped: rerun the same command.
+killed run resumes where it stopped: rerun the same command. --output (and
+--model) may be a bucket (gs://…; mrl_jax.paths); --input_dir is read locally.
 """
 
 import dataclasses
@@ -35,7 +36,7 @@ import numpy as np
 from absl import flags, logging
 from array_record.python import array_record_data_source
 
-from mrl_jax import cli, inference
+from mrl_jax import cli, inference, paths
 from mrl_jax.data import records
 from mrl_jax.data.folder_source import IMAGE_EXTENSIONS
 from mrl_jax.errors import ConfigError, CorruptImageError, MissingFileError
@@ -55,15 +56,15 @@ class Inputs:
 
 def folder_inputs(input_dir: str) -> Inputs:
   """Every image file under `input_dir` (recursively, by extension), sorted by path."""
-  paths = sorted(p for p in glob.glob(os.path.join(input_dir, "**", "*"), recursive=True)
+  files = sorted(p for p in glob.glob(os.path.join(input_dir, "**", "*"), recursive=True)
                  if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(p))
 
   def read(i: int) -> bytes:
-    with open(paths[i], "rb") as f:
+    with open(files[i], "rb") as f:
       return f.read()
 
-  return Inputs([os.path.relpath(p, input_dir) for p in paths], read,
-                f"{len(paths)} image files under {input_dir}")
+  return Inputs([os.path.relpath(p, input_dir) for p in files], read,
+                f"{len(files)} image files under {input_dir}")
 
 
 def arrayrecord_inputs(input_dir: str, split: str) -> Inputs:
@@ -100,8 +101,8 @@ def embed_inputs(model: inference.Model, inputs: Inputs, output: str, dims: Sequ
                       f"{FORMATS} and dtype float16 or float32.")
   if "faiss" in formats:
     _faiss()  # Missing faiss fails now, not after hours of embedding.
-  parts_dir = os.path.join(output, PARTS_DIR)
-  os.makedirs(parts_dir, exist_ok=True)
+  parts_dir = paths.join(output, PARTS_DIR)
+  paths.makedirs(parts_dir)
   num_parts = -(-len(inputs.ids) // part_size)
   start, done_before = time.time(), 0
   for p in range(num_parts):
@@ -121,18 +122,17 @@ def embed_inputs(model: inference.Model, inputs: Inputs, output: str, dims: Sequ
 
 
 def _part_paths(parts_dir: str, p: int) -> Tuple[str, Callable[[int], str]]:
-  base = os.path.join(parts_dir, f"part-{p:05d}")
+  base = paths.join(parts_dir, f"part-{p:05d}")
   return f"{base}.json", lambda m: f"{base}.d{m}.npy"
 
 
 def _part_done(parts_dir: str, p: int, ids: List[str], dims, dtype: str) -> bool:
   meta_path, npy = _part_paths(parts_dir, p)
-  if not os.path.exists(meta_path):
+  if not paths.exists(meta_path):
     return False
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
+  meta = paths.read_json(meta_path)
   return (meta["inputs"] == ids and meta["dtype"] == dtype
-          and all(os.path.exists(npy(m)) for m in dims))
+          and all(paths.exists(npy(m)) for m in dims))
 
 
 def _write_part(model, inputs: Inputs, rows: range, parts_dir: str, p: int, dims, dtype: str,
@@ -153,44 +153,48 @@ def _write_part(model, inputs: Inputs, rows: range, parts_dir: str, p: int, dims
     prefix = z[:, :m]
     norms = np.linalg.norm(prefix, axis=1, keepdims=True)
     _save_atomic(npy(m), (prefix / np.maximum(norms, 1e-12)).astype(dtype))
-  records.write_json_atomic(meta_path, {"inputs": [inputs.ids[i] for i in rows], "ids": kept,
-                                        "skipped": skipped, "dtype": dtype})
+  paths.write_json(meta_path, {"inputs": [inputs.ids[i] for i in rows], "ids": kept,
+                               "skipped": skipped, "dtype": dtype}, indent=1)
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
-  with open(path + ".tmp", "wb") as f:
+  with paths.atomic_open(path, "wb") as f:
     np.save(f, array)
-  os.replace(path + ".tmp", path)
+
+
+def _load(path: str) -> np.ndarray:
+  with paths.open_read(path) as f:
+    return np.load(f)
 
 
 def _join(parts_dir, output, num_parts, dims, dtype, formats, model, inputs) -> Dict[str, Any]:
   ids, skipped = [], []
   for p in range(num_parts):
-    meta_path, _ = _part_paths(parts_dir, p)
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
+    meta = paths.read_json(_part_paths(parts_dir, p)[0])
     ids.extend(meta["ids"])
     skipped.extend(meta["skipped"])
   for m in dims:
-    z = np.concatenate([np.load(_part_paths(parts_dir, p)[1](m)) for p in range(num_parts)])
-    _save_atomic(os.path.join(output, f"embeddings_d{m}.npy"), z)
+    z = np.concatenate([_load(_part_paths(parts_dir, p)[1](m)) for p in range(num_parts)])
+    _save_atomic(paths.join(output, f"embeddings_d{m}.npy"), z)
     if "parquet" in formats:
-      _write_parquet(os.path.join(output, f"embeddings_d{m}.parquet"), ids, z)
+      with paths.staged_write(paths.join(output, f"embeddings_d{m}.parquet")) as local:
+        _write_parquet(local, ids, z)
     if "faiss" in formats:
       faiss = _faiss()
       index = faiss.IndexFlatIP(m)
       index.add(np.ascontiguousarray(z, np.float32))
-      faiss.write_index(index, os.path.join(output, f"faiss_d{m}.index"))
-  records.write_json_atomic(os.path.join(output, "ids.json"), ids)
-  records.write_json_atomic(os.path.join(output, "skipped.json"), skipped)
+      with paths.staged_write(paths.join(output, f"faiss_d{m}.index")) as local:
+        faiss.write_index(index, local)  # faiss writes to a local file name only
+  paths.write_json(paths.join(output, "ids.json"), ids, indent=1)
+  paths.write_json(paths.join(output, "skipped.json"), skipped, indent=1)
   if skipped:
     logging.warning("embed_folder: %d unreadable inputs were skipped (listed in %s), e.g. %s",
-                    len(skipped), os.path.join(output, "skipped.json"), skipped[0])
+                    len(skipped), paths.join(output, "skipped.json"), skipped[0])
   index = {"model": repr(model), "matryoshka_dims": [int(m) for m in model.dims],
            "dims": [int(m) for m in dims], "dtype": dtype, "normalized": True,
            "num_embedded": len(ids), "num_skipped": len(skipped), "formats": list(formats),
            "input": inputs.description}
-  records.write_json_atomic(os.path.join(output, "index.json"), index)
+  paths.write_json(paths.join(output, "index.json"), index, indent=1)
   return index
 
 

@@ -3,6 +3,8 @@
   python -m mrl_jax.tools.export --workdir=/tmp/demo [--step=N] --out=/tmp/demo_export \
       [--format=mrl_jax|torchvision|timm]
 
+--workdir and --out may be local or bucket paths (gs://…; mrl_jax.paths).
+
 mrl_jax (default): `model.safetensors` (params and BatchNorm statistics under
 their flat names, `mrl_jax/interop/flat.py`) and `mrl_config.json` (model,
 variant, mode, `matryoshka_dims`, classes, preprocessing, the full config);
@@ -15,11 +17,10 @@ names), the inverse of `python -m mrl_jax.tools.import_weights`, with the same
 """
 
 import json
-import os
 
 from absl import flags, logging
 
-from mrl_jax import cli, inference
+from mrl_jax import cli, inference, paths
 from mrl_jax.errors import ConfigError
 from mrl_jax.interop import flat, timm_vit, torch_files, torchvision_resnet
 
@@ -41,17 +42,13 @@ def export(model: inference.Model, out_dir: str, fmt: str = "mrl_jax") -> str:
     if config.model.name != "vit":
       raise ConfigError(f"--format=timm exports ViTs; this is a {config.model.name}.")
     weights = timm_vit.from_flat(weights, config)
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, inference.EXPORT_WEIGHTS)
-  torch_files.save_safetensors(weights, path + ".tmp")
+  path = paths.join(out_dir, inference.EXPORT_WEIGHTS)
   meta = inference.export_metadata(config, model.dims, model.step)
   meta["layout"] = fmt
-  with open(os.path.join(out_dir, inference.EXPORT_CONFIG + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
+  with paths.staged_write(path) as local:  # safetensors writes a local file; a bucket: uploaded
+    torch_files.save_safetensors(weights, local)
   # The config last: a directory with it is a complete export.
-  os.replace(path + ".tmp", path)
-  os.replace(os.path.join(out_dir, inference.EXPORT_CONFIG + ".tmp"),
-             os.path.join(out_dir, inference.EXPORT_CONFIG))
+  paths.write_json(paths.join(out_dir, inference.EXPORT_CONFIG), meta)
   logging.info("Exported %r (%d arrays, %s layout) to %s.", model, len(weights), fmt, out_dir)
   return path
 

@@ -24,7 +24,6 @@ experiment config (ImageNet's for ResNets and ViTs) with the detected settings.
 
 import importlib
 import json
-import os
 from typing import Any, Dict, Optional
 
 import jax
@@ -33,7 +32,7 @@ from absl import flags, logging
 from flax import nnx
 
 from configs import common
-from mrl_jax import checkpointing, cli, experiment, optim, sharding, steps
+from mrl_jax import checkpointing, cli, experiment, optim, paths, sharding, steps
 from mrl_jax.errors import ConfigError
 from mrl_jax.interop import flat, timm_vit, torch_files, torchvision_resnet
 
@@ -60,7 +59,8 @@ def import_weights(path: str, kind: str, out: str, *, mode: Optional[str] = None
   if kind not in KINDS:
     raise ConfigError(f"--kind={kind!r}: choose one of {sorted(KINDS)}.")
   module, base = KINDS[kind]
-  state_dict = torch_files.load_state_dict(path)
+  with paths.staged_read(path) as local:  # the file may be in a bucket
+    state_dict = torch_files.load_state_dict(local)
   overrides = dict(module.detect(state_dict, mode=mode))
   if kind == "mrl_resnet50" and overrides.get("model.variant") != "50":
     raise ConfigError(f"{path} holds a ResNet{overrides.get('model.variant')}, not the "
@@ -71,8 +71,7 @@ def import_weights(path: str, kind: str, out: str, *, mode: Optional[str] = None
   weights = module.to_flat(state_dict, config)  # every key accounted for, or an error
   weights, fresh_head = _with_fresh_head(weights, config)
   state, dims = _train_state(config, weights, source=path)
-  existing = os.path.join(out, "checkpoints")
-  if os.path.isdir(existing) and os.listdir(existing):
+  if paths.listdir(paths.join(out, "checkpoints")):
     raise ConfigError(f"--out={out} already holds checkpoints; import into a new directory "
                       "(nothing there was changed).")
   checkpointing.check_writable(out)
@@ -80,11 +79,9 @@ def import_weights(path: str, kind: str, out: str, *, mode: Optional[str] = None
   ckpt = checkpointing.Checkpointer(out, config, dims, mesh)
   ckpt.maybe_save(0, state, {}, force=True)
   ckpt.close()
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(out, "config.py"), "w", encoding="utf-8") as f:
-    f.write(_CONFIG_PY.format(source=os.path.basename(path), base=base,
-                              overrides=_plain(overrides)))
+  paths.write_text(paths.join(out, "config.json"), config.to_json_best_effort(indent=2))
+  paths.write_text(paths.join(out, "config.py"), _CONFIG_PY.format(
+      source=paths.as_path(path).name, base=base, overrides=_plain(overrides)))
   summary = {"out": out, "kind": kind, "arrays": len(weights), "overrides": _plain(overrides),
              "matryoshka_dims": [int(m) for m in dims], "fresh_head": fresh_head}
   logging.info("Imported %s (%s) into %s: %s", path, kind, out, summary)
