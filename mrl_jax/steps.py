@@ -128,7 +128,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       loss, grads = loss * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    # The norm goes to the optimizer too (optim.clip_by_global_norm clips with it), so
+    # the gradients are reduced once; transformations that take no extra args ignore it.
+    extra = ({"grad_norm": grad_norm}
+             if isinstance(tx, optax.GradientTransformationExtraArgs) else {})
+    updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
     new, old = ((optax.apply_updates(params, updates), opt_state, model_state),
                 (params, state["opt_state"], state["model_state"]))
     params, opt_state, model_state = jax.tree.map(

@@ -11,6 +11,20 @@ Dropout randomness lives in per-layer `RngStream`s forked from the caller's
 "dropout" stream, so it is part of the model state: a functional training step
 (`nnx.split` -> `jax.jit` -> `nnx.merge`) that carries the state forward gets
 fresh masks every step, and `train` is always an explicit call argument.
+
+Speed options (`config.model.options`; each default is the plain path, and
+tests/test_vit_levers.py checks each against it):
+  patch_embed="matmul"   the patch embedding as reshape + one matmul with the
+                         conv's own kernel (same parameters, so checkpoints and
+                         weight import are unchanged), in place of a strided conv.
+  attention="xla"|"cudnn"|"auto"  `jax.nn.dot_product_attention` in the encoder
+                         blocks in place of the einsum-softmax ("einsum"); "auto"
+                         is cudnn on GPU, xla elsewhere. cudnn pads the sequence to
+                         a multiple of `attention_pad` (8; 0: off) and masks the
+                         padding keys, since it may refuse odd lengths such as 197.
+  drop_path_draw="per_step"  one bernoulli draw [depth, 2, B] for the stochastic
+                         depth of every block, applied as a per-sample multiply,
+                         in place of one draw per branch ("per_block").
 """
 
 import re
@@ -35,6 +49,9 @@ SIZES = {
     "H": (1280, 32, 16, 5120),
 }
 _POOLS = ("cls", "gap", "map")
+_PATCH_EMBEDS = ("conv", "matmul")
+_ATTENTIONS = ("einsum", "xla", "cudnn", "auto")
+_DROP_PATH_DRAWS = ("per_block", "per_step")
 _LN_EPS = 1e-6
 _dense_init = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -79,6 +96,33 @@ class DropPath(nnx.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
 
 
+def drop_path_scales(key: jax.Array, rates: jax.Array, batch: int) -> jax.Array:
+  """[depth, 2, batch] per-sample multipliers, 0 or 1/keep, for the attention and MLP
+  branch of every block, from one draw: one random op per step instead of 2·depth
+  (each a separate kernel, rng bits and a select over the branch)."""
+  keep = 1.0 - jnp.asarray(rates, jnp.float32)[:, None, None]
+  mask = jax.random.bernoulli(key, keep, (keep.shape[0], 2, batch))
+  return mask / keep
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+                    pad_multiple: int = 0) -> jax.Array:
+  """`jax.nn.dot_product_attention` on [B, T, H, D] q/k/v (scale D^-0.5).
+
+  With `pad_multiple` > 1 a sequence of another length is zero-padded to a multiple
+  of it, the padding keys masked through `key_value_seq_lengths` and the padding
+  queries sliced off: cuDNN's fused kernels may refuse lengths such as 197."""
+  t = k.shape[1]
+  if pad_multiple > 1 and (t % pad_multiple or q.shape[1] % pad_multiple):
+    padded = -(-max(t, q.shape[1]) // pad_multiple) * pad_multiple
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - a.shape[1]), (0, 0), (0, 0)))
+    lengths = jnp.full((k.shape[0],), t, jnp.int32)
+    y = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+    return y[:, :q.shape[1]]
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 class Attention(nnx.Module):
   """Multi-head dot-product attention with separate q/k/v projections.
 
@@ -87,9 +131,15 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, *, attention_dropout: float,
-               dropout: float, dtype, param_dtype, rngs: nnx.Rngs):
+               dropout: float, dtype, param_dtype, rngs: nnx.Rngs,
+               attention: str = "einsum", attention_pad: int = 8):
+    if attention != "einsum" and attention_dropout:
+      raise ConfigError(f"attention={attention!r} has no attention dropout; use "
+                        "attention='einsum' or attention_dropout=0.")
     self.heads = heads
     self.dtype = dtype
+    self.attention = attention
+    self.attention_pad = attention_pad
     self.query = _dense(width, width, dtype, param_dtype, rngs)
     self.key = _dense(width, width, dtype, param_dtype, rngs)
     self.value = _dense(width, width, dtype, param_dtype, rngs)
@@ -103,6 +153,14 @@ class Attention(nnx.Module):
     kv = x if kv is None else kv
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, -1))
     q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
+    if self.attention != "einsum":
+      implementation = self.attention
+      if implementation == "auto":
+        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+      pad = self.attention_pad if implementation == "cudnn" else 0
+      y = fused_attention(q, k, v, implementation, pad).astype(self.dtype)
+      y = self.out(y.reshape(y.shape[:-2] + (-1,)))
+      return self.proj_drop(y, deterministic=not train)
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     # Softmax in float32: bf16 logits lose too much precision for long rows.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
@@ -134,19 +192,27 @@ class Block(nnx.Module):
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout: float,
                attention_dropout: float, drop_path: float, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention: str = "einsum", attention_pad: int = 8):
     self.norm1 = _layer_norm(width, dtype, param_dtype, rngs)
     self.attn = Attention(width, heads, attention_dropout=attention_dropout,
-                          dropout=dropout, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+                          dropout=dropout, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs, attention=attention, attention_pad=attention_pad)
     self.norm2 = _layer_norm(width, dtype, param_dtype, rngs)
     self.mlp = Mlp(width, mlp_dim, dropout=dropout, dtype=dtype,
                    param_dtype=param_dtype, rngs=rngs)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = x + self.drop_path(self.attn(self.norm1(x), train=train), train=train)
-    return x + self.drop_path(self.mlp(self.norm2(x), train=train), train=train)
+  def __call__(self, x: jax.Array, scales: Optional[jax.Array] = None, *,
+               train: bool) -> jax.Array:
+    """`scales` [2, B]: stochastic-depth multipliers drawn by the caller for the two
+    branches (ViT's drop_path_draw="per_step"), in place of this block's own draws."""
+    if scales is None:
+      x = x + self.drop_path(self.attn(self.norm1(x), train=train), train=train)
+      return x + self.drop_path(self.mlp(self.norm2(x), train=train), train=train)
+    # The multiply in float32 (fused into the add), so 1/keep is not rounded to bf16.
+    s = scales[:, :, None, None]
+    x = x + (self.attn(self.norm1(x), train=train) * s[0]).astype(x.dtype)
+    return x + (self.mlp(self.norm2(x), train=train) * s[1]).astype(x.dtype)
 
 
 class MAPPool(nnx.Module):
@@ -183,8 +249,15 @@ class ViT(nnx.Module):
   def __init__(self, variant: str, *, rngs: nnx.Rngs, image_size: int = 224,
                in_channels: int = 3, pool: str = "cls", dropout: float = 0.0,
                attention_dropout: float = 0.0, stochastic_depth: float = 0.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False):
+               dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+               patch_embed: str = "conv", attention: str = "einsum", attention_pad: int = 8,
+               drop_path_draw: str = "per_block"):
     width, depth, heads, mlp_dim, patch = parse_variant(variant)
+    for name, value, valid in (("patch_embed", patch_embed, _PATCH_EMBEDS),
+                               ("attention", attention, _ATTENTIONS),
+                               ("drop_path_draw", drop_path_draw, _DROP_PATH_DRAWS)):
+      if value not in valid:
+        raise ConfigError(f"Unknown ViT {name} {value!r}; valid: {list(valid)}.")
     if image_size % patch:
       raise ConfigError(
           f"image_size {image_size} is not divisible by the patch size {patch} "
@@ -195,6 +268,8 @@ class ViT(nnx.Module):
     self.pool = pool
     self.remat = remat
     self.dtype = dtype
+    self.patch_mode = patch_embed
+    self.patch = patch
     num_tokens = (image_size // patch) ** 2 + (pool == "cls")
 
     self.patch_embed = nnx.Conv(
@@ -211,16 +286,34 @@ class ViT(nnx.Module):
     self.blocks = nnx.List([
         Block(width, heads, mlp_dim, dropout=dropout,
               attention_dropout=attention_dropout, drop_path=float(rate),
-              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention,
+              attention_pad=attention_pad)
         for rate in rates])
     self.norm = _layer_norm(width, dtype, param_dtype, rngs)
     if pool == "map":
       self.map_pool = MAPPool(width, heads, mlp_dim, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
+    self.drop_path_rates = None
+    if drop_path_draw == "per_step" and stochastic_depth > 0:
+      # Forked last, and only here, so that the plain path's state is unchanged.
+      self.drop_path_rates = tuple(float(r) for r in rates)
+      self.drop_path_rngs = rngs["dropout"].fork()
+
+  def _embed_patches(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, N, width]. "matmul": the conv's kernel [p, p, C, width] as a
+    [p·p·C, width] matrix applied to the patches flattened in the same (p, p, C) order."""
+    if self.patch_mode == "conv":
+      x = self.patch_embed(x)
+      return x.reshape(x.shape[0], -1, x.shape[-1])
+    b, h, w, c = x.shape
+    p = self.patch
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, (h // p) * (w // p), p * p * c)
+    kernel = self.patch_embed.kernel[...].astype(self.dtype).reshape(p * p * c, -1)
+    return x @ kernel + self.patch_embed.bias[...].astype(self.dtype)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = self.patch_embed(x.astype(self.dtype))
-    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    x = self._embed_patches(x.astype(self.dtype))
     if self.pool == "cls":
       cls = self.cls_token[...].astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0],) + cls.shape[1:]),
@@ -232,13 +325,16 @@ class ViT(nnx.Module):
     x = x + self.pos_embed[...].astype(x.dtype)
     x = self.pos_drop(x, deterministic=not train)
 
-    for block in self.blocks:
+    scales = [None] * len(self.blocks)
+    if train and self.drop_path_rates is not None:
+      scales = drop_path_scales(self.drop_path_rngs(), self.drop_path_rates, x.shape[0])
+    for block, block_scales in zip(self.blocks, scales):
       if self.remat:
         # nnx.remat refuses bound methods; a closure keeps `train` static.
-        apply = lambda b, h: b(h, train=train)
-        x = nnx.remat(apply)(block, x)
+        apply = lambda b, h, s: b(h, s, train=train)
+        x = nnx.remat(apply)(block, x, block_scales)
       else:
-        x = block(x, train=train)
+        x = block(x, block_scales, train=train)
     x = self.norm(x)
 
     if self.pool == "cls":

@@ -10,6 +10,9 @@ Images are a uint8 batch resident on the GPU and normalised inside the step,
 as ours are; bf16 autocast with f32 params, channels-last for the ResNet, and
 `torch.compile` (the fastest PyTorch setting we know for these models).
 
+It prints one JSON line (peak CUDA memory included); `benchmark_train --sweep` runs
+it in a process of its own and shows it as the last row of the sweep's table.
+
 Needs torch, torchvision and timm (not in requirements.txt: this program is
 the baseline, not part of mrl_jax):
 
@@ -109,7 +112,8 @@ def benchmark(model_name: str, batch: int, steps: int, warmup: int, compile_mode
           "devices": torch.cuda.get_device_name(), "torch": torch.__version__,
           "timm": timm.__version__, "compile_s": round(compile_s, 2),
           "step_ms": round(1000 * elapsed / steps, 2),
-          "img_per_sec": round(batch * steps / elapsed, 1), "final_loss": float(loss)}
+          "img_per_sec": round(batch * steps / elapsed, 1), "final_loss": float(loss),
+          "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def main(argv):
