@@ -72,7 +72,11 @@ def get_base_config():
       schedule="cosine", warmup_steps=0, end_lr_fraction=0.0, clip_norm=0.0))
   c.microbatches = 1        # gradient accumulation: slices of the global batch per step
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  # data × fsdp × model: the devices of one slice (-1: the rest). dcn_data > 1: that
+  # many slices (TPU slices, else processes: dcn_granule auto|slice|process) joined
+  # over the data-centre network, data-parallel between them (docs/multihost.md).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, dcn_data=1,
+                                          dcn_granule="auto"))
   # (regex, spec) searched against train-state paths; see mrl_jax/sharding.py. The
   # classifier's class dim goes over 'model' (cheap when classes are many, a no-op at
   # model=1), everything else over 'fsdp' (replicated at fsdp=1).
@@ -95,6 +99,8 @@ def get_base_config():
       best_mode="max",        # "val/top1_d2048" (max) or "val/loss_d2048" (min)
       keep_best=1,
       async_save=True,        # the loop only waits for the device→host copy
+      verify_checksums=True,  # CRC32 of every file in <step>/manifest.json, checked before
+                              # a restore (one more read of the step; False: sizes only)
       max_nonfinite_in_a_row=10,  # skipped NaN/inf steps in a row before stopping
       init_from="",           # fine-tuning: params from another run's workdir / step dir
       init_regex=""))         # ... only those whose path matches, e.g. "^backbone/"

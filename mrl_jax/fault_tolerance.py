@@ -7,7 +7,8 @@ once (the default action). With `jax.distributed` up, SIGTERM is JAX's
 preemption service's (it also receives TPU maintenance notices): it agrees on
 one step across hosts and `Checkpointer.reached_preemption` turns true there on
 every host, so all of them save the same step. SIGINT is not intercepted in
-that case (one host cannot stop the others safely).
+that case (one host cannot stop the others safely). A process that dies without
+saving is not this module's: the others stop within a bound (mrl_jax/cli.py).
 
 Non-finite steps. The train step does not apply an update whose loss or gradient
 is NaN/inf (steps.py) and reports `nonfinite`; `NonFiniteGuard` counts them and

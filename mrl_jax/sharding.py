@@ -1,8 +1,16 @@
 """Device mesh, regex → PartitionSpec rules for the train state, batch sharding.
 
-The mesh has axes ('data', 'fsdp', 'model'). The batch is split over
-('data', 'fsdp'); parameters follow the first matching rule of
-`config.sharding_rules`, a list of (regex, spec) pairs searched against each
+The mesh has axes ('data', 'fsdp', 'model'); `mesh.data`, `.fsdp` and `.model`
+lay out the devices of one slice (one fast interconnect: a TPU slice's ICI, a
+GPU node's NVLink). `mesh.dcn_data` = D > 1 joins D such slices over the slower
+data-centre network (DCN) as maxtext's `create_device_mesh` does: the 'data'
+axis is D × mesh.data long with the slices outermost, so only the gradient
+all-reduce crosses the DCN while fsdp and model traffic stays inside a slice,
+and no rule below changes. A slice is a TPU slice (the devices' `slice_index`)
+where the devices span several, else a process (`mesh.dcn_granule`).
+
+The batch is split over ('data', 'fsdp'). Parameters follow the first matching
+rule of `config.sharding_rules`, a list of (regex, spec) pairs searched against each
 leaf's path in the train state ("params/head/linear/kernel",
 "opt_state/0/mu/head/linear/kernel", ...), so the optimizer state follows its
 parameter. A spec is either a tuple of mesh axes / None per array dim, or one
@@ -13,11 +21,13 @@ A spec that does not fit a leaf (wrong rank, indivisible dim) falls back to
 "fsdp", so one rule serves a kernel and its factored Adafactor statistics.
 """
 
+import collections
 import re
 from typing import Any, Sequence, Tuple
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mrl_jax.errors import ConfigError
@@ -25,26 +35,90 @@ from mrl_jax.errors import ConfigError
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
+GRANULES = ("auto", "slice", "process")
+# jax.make_mesh lets these TPUs split a physical axis over two mesh axes; each slice's
+# part of a hybrid mesh follows the same rule, so a slice is laid out as jax.make_mesh
+# lays out a single slice.
+_SPLIT_PHYSICAL_AXES = ("TPU v5 lite", "TPU v5e")
+
+
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] = None) -> Mesh:
-  """Builds the mesh from {'data': n, 'fsdp': n, 'model': n}; one size may be -1."""
+  """The mesh of {'data', 'fsdp', 'model'} (per slice; one size may be -1) and
+  'dcn_data' slices (default 1: one mesh over all devices, as `jax.make_mesh`)."""
   devices = list(devices if devices is not None else jax.devices())
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if int(mesh_config.get("dcn_data", 1)) == 1:
+    slices = _num_slices(devices)
+    if slices > 1:  # jax.make_mesh refuses these.
+      raise ConfigError(f"The {len(devices)} devices span {slices} TPU slices: set "
+                        f"--config.mesh.dcn_data={slices} (data parallelism between "
+                        "slices, fsdp/model inside each).")
+    sizes = _ici_sizes(mesh_config, len(devices), "available")
+    return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=axis_types)
+  return Mesh(device_grid(mesh_config, devices), MESH_AXES, axis_types=axis_types)
+
+
+def device_grid(mesh_config: Any, devices: Sequence[Any]) -> np.ndarray:
+  """The [data, fsdp, model] array of devices for `dcn_data` > 1: one block of the
+  'data' axis per slice, in slice order, each laid out for its own interconnect
+  (`mesh_utils.create_hybrid_device_mesh`)."""
+  dcn = int(mesh_config.get("dcn_data", 1))
+  granule = mesh_config.get("dcn_granule", "auto")
+  if dcn < 1:
+    raise ConfigError(f"mesh.dcn_data={dcn}: it is the number of slices (>= 1; "
+                      "1 for a single slice or host).")
+  if granule not in GRANULES:
+    raise ConfigError(f"mesh.dcn_granule={granule!r}: use one of {GRANULES} (auto: TPU "
+                      "slices where the devices span several, else processes).")
+  counts = {"slice": _num_slices(devices), "process": len({d.process_index for d in devices})}
+  if granule == "auto":
+    granule = "slice" if counts["slice"] > 1 else "process"
+  count = counts[granule]
+  unit = {"slice": "TPU slice", "process": "process"}[granule]
+  units = f"{unit}{'es' if unit == 'process' else 's'}"
+  if count != dcn:
+    other = "process" if granule == "slice" else "slice"
+    hint = f", or --config.mesh.dcn_granule={other}" if counts[other] == dcn else ""
+    raise ConfigError(f"mesh.dcn_data={dcn}, but the devices are in {count} "
+                      f"{unit if count == 1 else units}, and each slice of the 'data' axis "
+                      f"is one of them. Set --config.mesh.dcn_data={count} (1: one mesh "
+                      f"over all devices){hint}.")
+  by_process = granule == "process"
+  per_slice = collections.Counter(d.process_index if by_process else d.slice_index
+                                  for d in devices)
+  if len(set(per_slice.values())) > 1:
+    raise ConfigError(f"The {units} hold different numbers of devices "
+                      f"({sorted(per_slice.values())}); mesh.dcn_data > 1 needs equal ones.")
+  sizes = _ici_sizes(mesh_config, len(devices) // dcn, f"in each of the {dcn} {units}")
+  return mesh_utils.create_hybrid_device_mesh(
+      sizes, (dcn, 1, 1), devices, process_is_granule=by_process,
+      allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES)
+
+
+def _num_slices(devices: Sequence[Any]) -> int:
+  """Distinct `slice_index` values (1 where the platform has none: CPU, most GPUs)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _ici_sizes(mesh_config: Any, num_devices: int, where: str) -> Tuple[int, ...]:
+  """(data, fsdp, model) of `mesh_config` over `num_devices`, the -1 resolved."""
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   spec = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f"Mesh {{{spec}}}: sizes must be positive, with at most one -1 "
-                     "(meaning 'all remaining devices').")
+                      "(meaning 'all remaining devices').")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise ConfigError(f"Mesh {{{spec}}}: {len(devices)} devices are not divisible by "
-                       f"{known}. Choose sizes whose product divides {len(devices)}.")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    if num_devices % known:
+      raise ConfigError(f"Mesh {{{spec}}}: the {num_devices} devices {where} are not "
+                        f"divisible by {known}. Choose sizes whose product divides "
+                        f"{num_devices}.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
     raise ConfigError(f"Mesh {{{spec}}} has {int(np.prod(sizes))} devices but "
-                     f"{len(devices)} are available. Set --config.mesh.data=-1 to use "
-                     "all of them, or make the product of the sizes equal the count.")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+                      f"{num_devices} are {where}. Set --config.mesh.data=-1 to use "
+                      "all of them, or make the product of the sizes equal the count.")
+  return tuple(sizes)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -1,4 +1,6 @@
-"""The sharded step on 8 fake CPU devices equals the single-device step."""
+"""The sharded step on 8 fake CPU devices equals the single-device step; mesh layouts."""
+
+import types
 
 import jax
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from configs import common, demo
 from mrl_jax import experiment, sharding
 from mrl_jax.data import pipeline, preprocess, synthetic
+from mrl_jax.errors import ConfigError
 
 
 def _config(model):
@@ -87,6 +90,48 @@ def test_mesh_errors_name_the_fix():
     sharding.make_mesh({"data": -1, "fsdp": 3, "model": 1})
   mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "model": 2})
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+
+
+def _fake_devices(slice_of, process_of, count=8):
+  """Stand-ins with what a device layout reads (a TPU's slice_index included)."""
+  return [types.SimpleNamespace(id=i, slice_index=slice_of(i), process_index=process_of(i),
+                                platform="cpu", device_kind="fake") for i in range(count)]
+
+
+def test_dcn_data_puts_one_slice_per_block_of_the_data_axis():
+  plain = sharding.make_mesh({"data": -1, "fsdp": 2, "model": 1, "dcn_data": 1})
+  assert plain.devices.tolist() == jax.make_mesh((4, 2, 1), sharding.MESH_AXES).devices.tolist()
+
+  # 2 TPU slices of 4 devices (2 hosts each), listed out of order.
+  devices = _fake_devices(lambda i: i // 4, lambda i: i // 2)[::-1]
+  grid = sharding.device_grid({"data": -1, "fsdp": 2, "model": 1, "dcn_data": 2}, devices)
+  assert grid.shape == (4, 2, 1)  # 'data' = dcn_data 2 × data 2 per slice
+  assert [d.slice_index for d in grid[:, 0, 0]] == [0, 0, 1, 1]  # slices outermost
+  assert all(len({d.slice_index for d in grid[i].flat}) == 1 for i in range(4))  # fsdp inside
+  # Processes as the slices (auto, where the devices have no slice_index: CPU, GPU).
+  grid = sharding.device_grid({"data": 1, "fsdp": -1, "model": 1, "dcn_data": 4,
+                               "dcn_granule": "process"}, devices)
+  assert [[d.process_index for d in grid[i].flat] for i in range(4)] == [[0, 0], [1, 1],
+                                                                         [2, 2], [3, 3]]
+
+
+def test_dcn_errors_name_the_fix():
+  with pytest.raises(ConfigError, match=r"mesh.dcn_data=2, but the devices are in 1 process,"
+                     r".*Set --config.mesh.dcn_data=1"):
+    sharding.make_mesh({"data": -1, "dcn_data": 2})  # this one process: one slice
+  devices = _fake_devices(lambda i: i // 4, lambda i: i // 2)
+  with pytest.raises(ConfigError, match=r"span 2 TPU slices: set --config.mesh.dcn_data=2"):
+    sharding.make_mesh({"data": -1}, devices)  # jax.make_mesh cannot lay out two slices
+  with pytest.raises(ConfigError, match=r"in 2 TPU slices, .*dcn_data=2 .*, or "
+                     r"--config.mesh.dcn_granule=process\."):
+    sharding.device_grid({"data": -1, "dcn_data": 4}, devices)
+  with pytest.raises(ConfigError, match=r"has 3 devices but 4 are in each of the 2 TPU slices"):
+    sharding.device_grid({"data": 1, "fsdp": 3, "dcn_data": 2}, devices)
+  with pytest.raises(ConfigError, match=r"dcn_granule='node'"):
+    sharding.device_grid({"dcn_data": 2, "dcn_granule": "node"}, devices)
+  uneven = _fake_devices(lambda i: int(i >= 3), lambda i: 0)
+  with pytest.raises(ConfigError, match=r"different numbers of devices \(\[3, 5\]\)"):
+    sharding.device_grid({"data": -1, "dcn_data": 2}, uneven)
 
 
 def test_rules_fall_back_to_fsdp_when_a_spec_does_not_fit():
