@@ -73,6 +73,9 @@ if ((NODE_COUNT == 1)); then
 else  # gcloud names the nodes <prefix>-0 .. <prefix>-<N-1>
   for ((i = 0; i < NODE_COUNT; i++)); do NODES+=("$NAME-$i"); done
   CREATE+=(--node-count="$NODE_COUNT" --node-prefix="$NAME")
+  # Data parallel across the slices over the data-centre network (docs/multihost.md);
+  # the user's overrides come after, so an explicit --config.mesh.dcn_data wins.
+  OVERRIDES=(--config.mesh.dcn_data="$NODE_COUNT" "${OVERRIDES[@]}")
 fi
 if ((SPOT)); then CREATE+=(--spot); fi
 if ((RESERVED)); then CREATE+=(--reserved); fi

@@ -157,6 +157,9 @@ def test_dry_run_two_slices(fake, tmp_path):
   assert [c[5].split(":")[0] for c in uploads] == ["mrl-b-0", "mrl-b-1"]
   trains = [c for c in cmds if kind(c) == "train"]
   assert main_args(trains[0]) == main_args(trains[1])  # the same program everywhere
+  assert main_args(trains[0]) == ["--distributed=on", "--config=configs/demo.py",
+                                  "--workdir=gs://bkt/runs/a", "--config.mesh.dcn_data=2",
+                                  *OVERRIDES]  # data parallel across the two slices
   assert [c[4] for c in cmds if kind(c) == "delete"] == ["mrl-b"]
 
 
