@@ -14,10 +14,14 @@ Orbax writes a step under a temporary name and renames it when complete, so a
 process killed mid-save leaves no step directory behind, only a temporary one
 that is reported and removed on the next start. A complete step that cannot be
 read (a truncated or deleted file) is reported with its path, moved aside to
-`<step>.corrupt-<time>` (never deleted), and the previous step is used.
+`<step>.corrupt-<time>` (never deleted), and the previous step is used. So is a
+step whose files no longer match the sizes and CRC32s that `<step>/manifest.json`
+recorded when it was saved (checkpoint_manifest.py): Orbax stores no checksums.
+Paths go through etils.epath, as in Orbax, so `--workdir=gs://bucket/run` works.
 """
 
 import datetime
+import functools
 import json
 import os
 import re
@@ -28,9 +32,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from mrl_jax import save_timer, sharding
+from mrl_jax import checkpoint_manifest, paths, save_timer, sharding
 from mrl_jax.errors import ConfigError, MissingFileError, UserError
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -38,42 +43,40 @@ _BEST_METRIC = re.compile(r"^val/(top1|top5|loss)_d(\d+)$")
 
 
 class CheckpointError(UserError, RuntimeError):
-  """A checkpoint cannot be written (unwritable directory, full disk); the previous
-  checkpoints are intact, and the message says where and what to do."""
+  """A checkpoint cannot be written (unwritable directory, full disk), or the one asked
+  for is corrupt; the message says which file and what to do."""
 
 
 def check_writable(workdir: str) -> None:
   """Fails in a second, before any compilation, if `workdir` cannot hold checkpoints."""
-  probe = os.path.join(workdir, "checkpoints", f".write_probe_{jax.process_index()}")
+  probe = paths.as_path(workdir) / "checkpoints" / f".write_probe_{jax.process_index()}"
   try:
-    os.makedirs(os.path.dirname(probe), exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  # OSError, or a store's own errors
     raise CheckpointError(f"Cannot write checkpoints under --workdir={workdir}: {e}. Choose "
                           "a writable directory with free space.") from e
 
 
-def _check_shared(directory: str) -> None:
+def _check_shared(directory: epath.Path) -> None:
   """All processes must see one directory (each writes its shards into the same step)."""
   if jax.process_count() == 1:
     return
   nonce = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.randint(1 << 30))))
-  token = os.path.join(directory, ".shared_check")
+  token = directory / ".shared_check"
   if jax.process_index() == 0:
-    with open(token, "w", encoding="utf-8") as f:
-      f.write(str(nonce))
+    directory.mkdir(parents=True, exist_ok=True)
+    token.write_text(str(nonce))
   multihost_utils.sync_global_devices("mrl_jax_shared_check_written")
   try:
-    with open(token, encoding="utf-8") as f:
-      ok = f.read() == str(nonce)
+    ok = token.read_text() == str(nonce)
   except OSError:
     ok = False
   agreed = _all_processes_agree(ok)
   multihost_utils.sync_global_devices("mrl_jax_shared_check_read")
   if jax.process_index() == 0:
-    os.remove(token)
+    token.unlink()
   if not agreed:
     raise CheckpointError(
         f"Not every process sees the file process 0 wrote in {directory} (process "
@@ -86,7 +89,20 @@ def _data_file() -> str:
   return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
+@functools.lru_cache(maxsize=None)
+def _whole_replicated_arrays_on_cpu() -> None:
+  """One replica writes each replicated array whole: Orbax's replica-parallel slices
+  cost a compilation per array shape on a process's first save (seconds on 8 CPU
+  devices), for nothing when the devices share a disk. Either restores either way."""
+  if jax.default_backend() == "cpu":
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False,  # and Orbax's per-array metadata files, as before
+        array_metadata_store=getattr(default, "_array_metadata_store", None)), override=True)
+
+
 def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  _whole_replicated_arrays_on_cpu()
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   # primary_host=None: every process writes (and reads) its own data position.
   per_process = ocp.JsonCheckpointHandler(
@@ -100,7 +116,7 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   return registry
 
 
-def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options, handler_registry=_registry())
 
 
@@ -127,6 +143,22 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
+def _verify(step_dir: epath.Path, checksums: bool) -> Optional[Exception]:
+  """None if the step matches its manifest (or has none), else what differs, on every
+  process: process 0 reads the files (once, not once per host) and the others take
+  its verdict, all before Orbax is asked for the step."""
+  error = None
+  if jax.process_index() == 0:
+    error = checkpoint_manifest.check(step_dir, checksums=checksums)
+  if _all_processes_agree(error is None):
+    return None
+  return error or RuntimeError("process 0 found a file that differs from the manifest")
+
+
+def _steps(directory: epath.Path) -> List[int]:
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 class Checkpointer:
   """Saves every `every_steps` and `every_minutes`, at the end and on preemption;
   restores the latest good step.
@@ -139,7 +171,8 @@ class Checkpointer:
   def __init__(self, workdir: str, config: Any, dims, mesh: jax.sharding.Mesh, *,
                clock: Callable[[], float] = time.monotonic):
     ckpt = config.checkpoint
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._root = paths.as_path(workdir) / "checkpoints"
+    self.directory = os.fspath(self._root)
     self._ckpt = ckpt
     self.track_best = bool(ckpt.best_metric)
     if self.track_best:
@@ -157,9 +190,11 @@ class Checkpointer:
                   "config": json.loads(config.to_json_best_effort())}
     self._saving: Optional[int] = None  # the step of the latest save started
     self._timer = save_timer.SaveTimer(ckpt.every_minutes, clock, jax.process_count())
-    _check_shared(self.directory)
+    _check_shared(self._root)
     self._report_unfinished_saves()
-    self._mngr = _manager(self.directory, self._options())
+    self._mngr = _manager(self._root, self._options())
+    self._manifests = checkpoint_manifest.Writer(
+        self._root, checksums=ckpt.verify_checksums, enabled=jax.process_index() == 0)
 
   def _options(self) -> ocp.CheckpointManagerOptions:
     ckpt = self._ckpt
@@ -181,13 +216,13 @@ class Checkpointer:
         enable_async_checkpointing=ckpt.async_save, create=True)
 
   def _report_unfinished_saves(self) -> None:
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0 or not self._root.is_dir():
       return
-    for name in sorted(os.listdir(self.directory)):
-      if _TMP_MARK in name:
+    for path in sorted(self._root.iterdir()):
+      if _TMP_MARK in path.name:
         logging.warning("Found %s, a save that never completed (the process was killed "
                         "while writing it); it is not a checkpoint and is being removed.",
-                        os.path.join(self.directory, name))
+                        path)
 
   # Restoring.
 
@@ -206,13 +241,18 @@ class Checkpointer:
         logging.info("Resumed from %s (step %d).", self._step_dir(step), step)
         return restored["state"], step
     if self._ckpt.init_from:
-      params, _ = init_params(self._ckpt.init_from, state["params"], self._ckpt.init_regex)
+      params, _ = init_params(self._ckpt.init_from, state["params"], self._ckpt.init_regex,
+                              checksums=self._ckpt.verify_checksums)
       state = dict(state, params=params)
     return state, 0
 
   def _try_restore(self, step: int, target: Any) -> Optional[Dict[str, Any]]:
+    mismatch = _verify(self._step_dir(step), self._ckpt.verify_checksums)
+    if mismatch is not None:  # readable, maybe, but not what was saved
+      self._set_aside(step, mismatch)
+      return None
     args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
-    if os.path.exists(os.path.join(self._step_dir(step), "data", _data_file())):
+    if (self._step_dir(step) / "data" / _data_file()).exists():
       args["data"] = ocp.args.JsonRestore()
     restored, error = None, None
     try:  # Any unreadable or missing file lands in `except`.
@@ -246,13 +286,13 @@ class Checkpointer:
   def _set_aside(self, step: int, error: Optional[Exception]) -> None:
     path = self._step_dir(step)
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    aside = f"{path}.corrupt-{stamp}"
+    aside = path.parent / f"{path.name}.corrupt-{stamp}"
     logging.error("Checkpoint %s cannot be restored (%s: %s). Moving it to %s (kept for "
                   "inspection) and trying the previous checkpoint.", path,
                   type(error).__name__ if error else "another process failed",
                   str(error)[:500] if error else "", aside)
     if jax.process_index() == 0:
-      os.rename(path, aside)
+      path.rename(aside)
     multihost_utils.sync_global_devices(f"mrl_jax_set_aside_{step}")
     self._mngr.reload()
 
@@ -267,8 +307,8 @@ class Checkpointer:
       return
     data_iterator.set_state(restored["data"])
 
-  def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def _step_dir(self, step: int) -> epath.Path:
+    return self._root / str(step)
 
   # Saving.
 
@@ -299,9 +339,11 @@ class Checkpointer:
     the files are written in the background (`wait()` joins).
     """
     force = force or (self.track_best and metrics is not None)
+    self._list_finished_saves()
     if step in self._mngr.all_steps() or not (
         force or self._mngr.should_save(step) or self._timer.due(step)):
       return False
+    self._manifests.join()  # before this save's cleanup may delete a step it reads
     self._timer.saved()
     meta = dict(self._meta, step=int(step), nonfinite_steps=int(nonfinite_steps),
                 time=datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -310,16 +352,28 @@ class Checkpointer:
     self._saving = step
     logging.info("Saving checkpoint step %d to %s.", step, self.directory)
     try:
-      return self._mngr.save(step, args=args, metrics=metrics, force=True)
+      started = self._mngr.save(step, args=args, metrics=metrics, force=True)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
+    if started:
+      self._manifests.saved(step)
+      if not self._ckpt.async_save:  # complete on return, so with its manifest
+        self._manifests.flush(self._mngr.all_steps())
+    return started
+
+  def _list_finished_saves(self) -> None:
+    """Starts writing the manifests of the saves Orbax has finished (renamed, and the
+    steps it drops deleted); a cheap local check, made at every step."""
+    if self._manifests.pending and not self._mngr.is_saving_in_progress():
+      self._manifests.start(self._mngr.all_steps())
 
   def wait(self) -> None:
-    """Blocks until every started save is complete on disk."""
+    """Blocks until every started save is complete on disk, with its manifest."""
     try:
       self._mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(self._saving, e) from e
+    self._manifests.flush(self._mngr.all_steps() if self._manifests.pending else ())
 
   def close(self) -> None:
     self.wait()
@@ -335,15 +389,14 @@ class Checkpointer:
         "permissions, then rerun the same command to resume.")
 
 
-def _resolve(init_from: str) -> Tuple[str, int]:
+def _resolve(init_from: str) -> Tuple[epath.Path, int]:
   """(checkpoints directory, step) from a workdir, a checkpoints dir or a step dir."""
-  path = os.path.abspath(init_from)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(os.path.basename(path))
-  steps = sorted(int(n) for n in (os.listdir(path) if os.path.isdir(path) else [])
-                 if n.isdigit())
+  path = paths.as_path(init_from)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if path.name.isdigit() and (path / "state").is_dir():
+    return path.parent, int(path.name)
+  steps = _steps(path) if path.is_dir() else []
   if not steps:
     raise MissingFileError(
         f"--config.checkpoint.init_from={init_from}: no checkpoint found there (looked for "
@@ -352,16 +405,30 @@ def _resolve(init_from: str) -> Tuple[str, int]:
   return path, steps[-1]
 
 
-def init_params(init_from: str, params: Any, regex: str = "") -> Tuple[Any, List[str]]:
+def _check_requested(directory: epath.Path, step: int, checksums: bool, fix: str) -> None:
+  """A step asked for by name is not swapped for another: a mismatch stops, naming the file."""
+  mismatch = _verify(directory / str(step), checksums)
+  if mismatch is not None:
+    raise CheckpointError(
+        f"Checkpoint {directory / str(step)} is corrupt: {mismatch}. (Checked against the "
+        f"manifest written when it was saved; the step is left as it is.) {fix}") from mismatch
+
+
+def init_params(init_from: str, params: Any, regex: str = "", *,
+                checksums: bool = True) -> Tuple[Any, List[str]]:
   """Params with the leaves of another run's checkpoint that match `regex` and fit.
 
   Only parameters are read (no optimizer state, no step), each straight into the
   sharding of the matching leaf of `params`. A leaf is loaded if its path (as in
   "backbone/blocks/0/mlp/fc1/kernel") matches `regex` and the checkpoint has it
   with the same shape; every other leaf keeps its fresh initialisation, and the
-  report (also logged) says why.
+  report (also logged) says why. The step is first checked against its manifest
+  (`checksums`: the config's checkpoint.verify_checksums; False: sizes only).
   """
   directory, step = _resolve(init_from)
+  _check_requested(directory, step, checksums, (
+      f"Start from another step of that run (it has steps {_steps(directory)}): "
+      f"--config.checkpoint.init_from={directory}/<step>, or restore this one from a backup."))
   mngr = _manager(directory, ocp.CheckpointManagerOptions(read_only=True))
   saved = jax.tree_util.tree_flatten_with_path(mngr.item_metadata(step)["state"])[0]
   saved = {sharding.path_string(p): (p, m) for p, m in saved}
@@ -410,19 +477,18 @@ def _restore_subset(mngr, step: int, wanted: Dict[str, Tuple[Tuple, Any]]) -> Di
   return {sharding.path_string(p): x for p, x in flat}
 
 
-
-def restore_state(workdir: str, target: Any, step: Optional[int] = None) -> Tuple[Any, int]:
+def restore_state(workdir: str, target: Any, step: Optional[int] = None, *,
+                  checksums: bool = True) -> Tuple[Any, int]:
   """(train state, step) of a run's checkpoint, for evaluation and embedding outside training.
 
   `workdir` is a run's workdir or its checkpoints/ directory; `step` None → the
   latest. `target` is the abstract train state (jax.ShapeDtypeStruct leaves whose
   `sharding` says where each array goes, e.g. on another mesh than training's);
   the arrays are read straight into those shardings. Read only: nothing is set
-  aside or removed (a corrupt step raises, naming it).
+  aside or removed (a corrupt step raises, naming it; `checksums` as in init_params).
   """
-  path = os.path.abspath(workdir)
-  directory = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
+  path = paths.as_path(workdir)
+  directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   mngr = _manager(directory, ocp.CheckpointManagerOptions(read_only=True))
   try:
     saved = list(mngr.all_steps())
@@ -434,6 +500,9 @@ def restore_state(workdir: str, target: Any, step: Optional[int] = None) -> Tupl
     if step not in saved:
       raise MissingFileError(f"No checkpoint step {step} in {directory}; it has steps "
                              f"{sorted(saved)}. Pass one of them, or no step for the latest.")
+    _check_requested(directory, step, checksums, (
+        f"Pass another step with --step (the run has steps {sorted(saved)}), or restore "
+        "this one from a backup."))
     state = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
   finally:

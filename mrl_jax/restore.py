@@ -56,7 +56,8 @@ def load_run(config: Any, workdir: str, step: Optional[int] = None,
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
-  state, step = checkpointing.restore_state(workdir, target, step)
+  state, step = checkpointing.restore_state(
+      workdir, target, step, checksums=config.checkpoint.verify_checksums)
   return Run(config, mesh, graphdef, state, shardings, step, dims)
 
 

@@ -1,7 +1,8 @@
 """Every test process sees 8 CPU devices, so sharding is tested for real.
 
-Also: the session's shared compilation cache for subprocesses (tests/cpu_env.py),
-and the check that a test starting a process (tests/cli_runner.py) is marked e2e.
+Also: the `bucket` fixture (an offline gs://, tests/fake_bucket.py), the session's
+shared compilation cache for subprocesses (tests/cpu_env.py), and the check that a
+test starting a process (tests/cli_runner.py) is marked e2e.
 """
 
 import os
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests import cli_runner, cpu_env  # noqa: E402  pylint: disable=wrong-import-position
+from tests.fake_bucket import fixture_bucket  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
 
 os.environ.setdefault("XLA_FLAGS", cpu_env.xla_flags(8, fast_compile=True))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

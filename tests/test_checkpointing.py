@@ -230,7 +230,9 @@ def test_benchmark_times_async_and_sync_saves_of_the_real_state(tmp_path):
   nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(_host(exp.state)))
   assert result["state_mib"] == round(nbytes / 2**20, 1)
   assert 0 < result["async_blocking_s"] <= result["async_total_s"]
-  assert 0 < result["sync_blocking_s"] == result["sync_total_s"]
+  # Sync: the save is the whole write (its rounded ms may still tick over during wait()).
+  sync = result["sync_blocking_s"]
+  assert 0 < sync <= result["sync_total_s"] <= sync + 0.002
   assert sorted(os.listdir(tmp_path / "sync" / "checkpoints")) == ["1"]  # keep=1 at work
 
 
