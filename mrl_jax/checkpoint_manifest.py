@@ -22,15 +22,16 @@ import json
 import os
 import threading
 import time
-import uuid
 import zlib
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from absl import logging
 from etils import epath
 
+from mrl_jax import paths
+
 NAME = "manifest.json"
-_TMP_PREFIX = f".{NAME}.tmp-"
+_TMP_PREFIX = f"{NAME}.tmp-"  # paths.atomic_open's temporary file, if a kill left one
 _FORMAT = 1
 _CHUNK = 1 << 20  # bytes per read: the fastest here (fits the CPU cache; 8+ MiB is slower)
 
@@ -66,9 +67,8 @@ def crc32(path: epath.Path) -> int:
 def write(step_dir: epath.Path, *, checksums: bool) -> int:
   """Lists the step's files in its manifest; returns the bytes listed.
 
-  Written under a temporary name and renamed, so a process killed meanwhile leaves
-  either no manifest or a whole one (on an object store the single upload is
-  atomic by itself).
+  Written atomically (`paths.write_text`), so a process killed meanwhile leaves
+  either no manifest or a whole one.
   """
   step_dir = epath.Path(step_dir)
   files = {}
@@ -79,9 +79,7 @@ def write(step_dir: epath.Path, *, checksums: bool) -> int:
     files[rel] = entry
   text = json.dumps({"format": _FORMAT, "checksum": "crc32" if checksums else None,
                      "files": files}, indent=1, sort_keys=True)
-  tmp = step_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-  tmp.write_text(text)
-  tmp.replace(step_dir / NAME)
+  paths.write_text(step_dir / NAME, text)
   return sum(e["size"] for e in files.values())
 
 
