@@ -113,8 +113,9 @@ def train_probes(features: baselines.Features, train_rows: np.ndarray, labels: n
       x = features.take("train", train_rows[positions], width)
       state, loss = step(state, _put(mesh, x), _put(mesh, labels[positions].astype(np.int32)),
                          _put(mesh, mask))
-    logging.info("linear probe: epoch %d/%d, summed loss over %d dims %.4f", epoch + 1,
-                 epochs, len(dims), float(loss))
+    if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:  # ~10 lines a run
+      logging.info("linear probe: epoch %d/%d, summed loss over %d dims %.4f", epoch + 1,
+                   epochs, len(dims), float(loss))
   return {**jax.device_get(state["params"]), "mean": mean, "std": std}
 
 
