@@ -1,9 +1,10 @@
 """Every test process sees 8 CPU devices, so sharding is tested for real.
 
 Also: the slowest files first (pytest.ini spreads whole files over the workers, so a
-long file started last would leave the other workers idle), the `bucket` fixture (an offline gs://, tests/fake_bucket.py), the session's
-shared compilation cache for subprocesses (tests/cpu_env.py), and the check that a
-test starting a process (tests/cli_runner.py) is marked e2e.
+long file started last would leave the others idle), the `bucket` fixture (an offline
+gs://, tests/fake_bucket.py), the session's shared compilation cache for subprocesses
+(tests/cpu_env.py), and the check that a test starting a process (tests/cli_runner.py)
+is marked e2e.
 """
 
 import os
@@ -40,5 +41,5 @@ def pytest_collection_modifyitems(items):
   """Files with more `slow` tests first, each file's own order kept (a stable sort)."""
   slow = {}
   for item in items:
-    slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
-  items.sort(key=lambda item: -slow[item.fspath])
+    slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+  items.sort(key=lambda item: -slow[item.path])
