@@ -31,6 +31,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mrl_jax import xla_flags
 from mrl_jax.errors import UserError
 from mrl_jax.fault_tolerance import Preempted
 
@@ -101,11 +102,15 @@ def _multi_process_env() -> bool:
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
-  """`app.run(main)` with absl-configured JAX, stray arguments refused, and the exits above."""
+  """`app.run(main)` with absl-configured JAX, the GPU XLA flags (xla_flags.py), stray
+  arguments refused, and the exits above."""
 
   def wrapped(argv: Sequence[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+    flags_in_effect = xla_flags.apply_gpu_defaults()  # Before any backend starts.
+    if flags_in_effect:
+      logging.info("XLA_FLAGS: %s", flags_in_effect)
     try:
       main(argv)
     except Preempted as e:  # Saved; the scheduler may restart the same command.

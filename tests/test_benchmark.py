@@ -45,16 +45,20 @@ def test_peak_tflops_by_device_kind():
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sweep_prints_one_table_with_a_row_per_variant(tmp_path):
-  # The flagged variant runs in its own process, with its flag added to XLA_FLAGS.
+  # The flagged variant runs in its own process, its flag added to XLA_FLAGS in place of
+  # the inherited one of the same name: 2 devices instead of this process's 8.
   sweep_path = tmp_path / "sweep.json"
   sweep_path.write_text(json.dumps({"config": "configs/vit_jft.py:runlocal", "variants": [
-      {"name": "plain"}, {"name": "flagged", "xla_flags": cpu_env.FAST_COMPILE}]}))
+      {"name": "plain"},
+      {"name": "flagged", "xla_flags": "--xla_force_host_platform_device_count=2"}]}))
   sweep = benchmark_train.load_sweep(str(sweep_path))
   rows = benchmark_train.sweep(
       sweep, benchmark_train.load_config(sweep["config"]), 2, 1, torch=False,
       argv=[f"--sweep={sweep_path}", "--steps=2", "--warmup=1"])  # as the test above
   assert [r["variant"] for r in rows] == ["plain", "flagged"]
-  assert rows[1]["xla_flags"] == f"{rows[0]['xla_flags']} {cpu_env.FAST_COMPILE}".strip()
+  assert rows[0]["xla_flags"] == cpu_env.xla_flags(8, fast_compile=True)
+  assert rows[1]["xla_flags"] == f"{cpu_env.FAST_COMPILE} --xla_force_host_platform_device_count=2"
+  assert [r["devices"].split(" x ")[0] for r in rows] == ["8", "2"]
   table = benchmark_train.format_table(rows).splitlines()
   assert table[0].split()[:3] == ["variant", "img/s", "ms/step"]
   for name in ("plain", "flagged"):

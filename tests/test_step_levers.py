@@ -1,4 +1,7 @@
-"""The train step hands its gradient norm to the clip: outputs identical to optax's clip."""
+"""The train step's extra passes: its gradient norm is shared with the clip (outputs
+identical to optax's clip) and the finite guard's select is fused into the update."""
+
+import re
 
 import jax
 import numpy as np
@@ -56,3 +59,44 @@ def test_step_with_the_shared_norm_equals_optax_clip(name):
   assert [int(m["nonfinite"]) for m in results[0][2]] == [0, 1, 0, 0]
   assert min(norms[::2]) < 24.0 < max(norms[2:]), norms
   jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+
+
+def test_finite_guard_select_fuses_into_the_update():
+  """The guard's `where(finite, new, old)` over the whole state costs no pass of its
+  own: in the compiled step, every array of the new state comes out of one fusion that
+  computes the update and selects it (checked here in the CPU HLO; XLA's GPU fusion
+  of elementwise ops does the same)."""
+  config = common.get_base_config().optim
+  config.name, config.clip_norm = "adamw", 1.0
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
+  build_model = lambda: _Toy(nnx.Rngs(0))
+  tx, schedule = optim.make_optimizer(config, 10,
+                                      steps.split_model(nnx.eval_shape(build_model))[1])
+  graphdef, abstract = steps.abstract_train_state(build_model, tx)
+  step = steps.make_train_step(
+      graphdef, tx, schedule, sharding.state_shardings(abstract, mesh, ()),
+      sharding.batch_sharding(mesh),
+      loss_kwargs=dict(loss_type="softmax", label_smoothing=0.1, weights=None),
+      normalization=((100.0,) * 3, (10.0,) * 3))
+  batch = {"image": jax.ShapeDtypeStruct((4, 2, 2, 3), np.uint8),
+           "label": jax.ShapeDtypeStruct((4,), np.int32)}
+  hlo = step.lower(abstract, batch).compile().as_text()
+  computations = {m.group(1): m.group(2) for m in re.finditer(
+      r"^%?([\w.-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)}
+  entry = re.search(r"^ENTRY [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S).group(1)
+  defs = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%([\w.-]+) = (.*)$",
+                                                      entry, re.M)}
+  root = re.search(r"ROOT %[\w.-]+ = \([^)]*\) tuple\((.*)\)", entry).group(1)
+  outputs = re.findall(r"%([\w.-]+)", root)
+  leaves = jax.tree.leaves(abstract)
+  checked = 0
+  for name, leaf in zip(outputs, leaves):  # The new state's leaves come first.
+    if not leaf.shape:
+      continue
+    line = defs[name]
+    assert " fusion(" in line, (name, line[:200])
+    ops = set(re.findall(r"= \S+ ([\w-]+)\(", computations[re.search(
+        r"calls=%([\w.-]+)", line).group(1)]))
+    assert "select" in ops and ops & {"add", "multiply", "subtract"}, (name, sorted(ops))
+    checked += 1
+  assert checked == sum(1 for leaf in leaves if leaf.shape) >= 6  # params, mu, nu

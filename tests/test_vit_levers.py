@@ -99,10 +99,29 @@ def test_block_scales_multiply_each_branch_per_sample():
   np.testing.assert_array_equal(y[1], plain[1])
 
 
+def test_tanh_gelu_mlp_matches_numpy():
+  mlp = vit.Mlp(8, 16, dropout=0.0, dtype=jnp.float32, param_dtype=jnp.float32,
+                rngs=nnx.Rngs(0), gelu="tanh")
+  x = np.asarray(jax.random.normal(jax.random.key(2), (4, 8))) * 3
+  h = x @ np.asarray(mlp.fc1.kernel[...]) + np.asarray(mlp.fc1.bias[...])
+  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  want = h @ np.asarray(mlp.fc2.kernel[...]) + np.asarray(mlp.fc2.bias[...])
+  np.testing.assert_allclose(mlp(jnp.asarray(x), train=False), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tanh_gelu_model_keeps_the_parameters_and_nearly_the_output(plain_output):
+  fast = _tiny(pool="gap", gelu="tanh")
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(_tiny(pool="gap"), nnx.Param),
+               nnx.state(fast, nnx.Param))
+  diff = np.abs(_forward(fast, _X, train=False) - plain_output).max()
+  assert 0 < diff < 1e-2, diff  # The approximation is within 4.7e-4 of erf's GELU.
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(patch_embed="fft"), "patch_embed 'fft'"),
     (dict(attention="flash"), "attention 'flash'"),
     (dict(drop_path_draw="once"), "drop_path_draw 'once'"),
+    (dict(gelu="relu"), "gelu 'relu'"),
     (dict(attention="xla", attention_dropout=0.1), "no attention dropout"),
 ])
 def test_bad_option_raises(kwargs, match):

@@ -25,6 +25,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
-from mrl_jax import cli, config_checks, experiment, sharding
+from mrl_jax import cli, config_checks, experiment, sharding, xla_flags
 from mrl_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -280,7 +281,8 @@ def sweep(sweep_def: dict, base, steps: int, warmup: int, *, argv: list, isolate
   inherited = os.environ.get("XLA_FLAGS", "")
   for v in sweep_def["variants"]:
     if v.get("xla_flags") or isolate:
-      flags_ = f"{inherited} {v.get('xla_flags', '')}".strip()
+      # One value per flag: the variant's replaces an inherited one of the same name.
+      flags_ = xla_flags.merge(v.get("xla_flags", ""), shlex.split(inherited))
       rows[v["name"]] = _run_child(_child_args(argv, v["name"]), {"XLA_FLAGS": flags_},
                                    v["name"])
   for v in sweep_def["variants"]:
