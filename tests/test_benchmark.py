@@ -6,6 +6,8 @@ import json
 import pytest
 
 from configs import vit_jft
+from mrl_jax import experiment
+from mrl_jax.errors import UserError
 from mrl_jax.tools import benchmark_train
 from tests import cpu_env
 
@@ -40,6 +42,18 @@ def test_peak_tflops_by_device_kind():
   assert [round(r.get("mfu", 0), 3) for r in rows] == [0.5, 1.0, 0.625, 0]
   table = benchmark_train.format_table(rows)
   assert "50.0%" in table and "62.5%" in table and "broken" in table and "failed" in table
+
+
+def test_presets_load_and_only_keeps_the_named_variants_in_order():
+  for preset in benchmark_train.presets():
+    sweep = benchmark_train.load_sweep(preset)
+    base = benchmark_train.load_config(sweep["config"])
+    for variant in sweep["variants"]:  # Every override names a real field or option.
+      experiment.embedding_width(benchmark_train.variant_config(base, variant))
+  sweep = benchmark_train.load_sweep("vit_levers", ["all", "baseline"])
+  assert [v["name"] for v in sweep["variants"]] == ["baseline", "all"]
+  with pytest.raises(UserError, match=r"--only names \['nope'\]"):
+    benchmark_train.load_sweep("vit_levers", ["baseline", "nope"])
 
 
 @pytest.mark.e2e

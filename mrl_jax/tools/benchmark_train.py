@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -59,6 +60,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("sweep", None, f"A preset ({', '.join(presets())}) or a JSON file "
                       "of variants (see mrl_jax/tools/sweeps/).")
   flags.DEFINE_string("variant", None, "Run only this variant of --sweep, print its row.")
+  flags.DEFINE_list("only", [], "Run only these variants of --sweep (comma-separated), "
+                    "e.g. to fit a short GPU session.")
   flags.DEFINE_bool("isolate", False, "Run every variant in its own process (a clean "
                     "peak-memory figure each; variants with XLA flags always do).")
   flags.DEFINE_bool("torch", True, "Add the PyTorch baseline row when torch is importable.")
@@ -190,9 +193,10 @@ def format_kernels(kernels: list) -> str:
 
 # --- sweeps ---------------------------------------------------------------------------
 
-def load_sweep(name_or_path: str) -> dict:
+def load_sweep(name_or_path: str, only: Sequence[str] = ()) -> dict:
   """{"config": "path[:variant]", "torch": "vit_b16", "variants": [{"name",
-  "overrides": {dotted key: value}, "xla_flags": "--flag=value ..."}, ...]}."""
+  "overrides": {dotted key: value}, "xla_flags": "--flag=value ..."}, ...]};
+  `only`: keep just these variants (in the sweep's order)."""
   path = name_or_path if os.path.isfile(name_or_path) else os.path.join(
       SWEEPS_DIR, f"{name_or_path}.json")
   if not os.path.isfile(path):
@@ -206,6 +210,11 @@ def load_sweep(name_or_path: str) -> dict:
     unknown = set(v) - {"name", "overrides", "xla_flags"}
     if unknown:
       raise UserError(f"Variant {v['name']!r} of {path} has unknown keys {sorted(unknown)}.")
+  if only:
+    missing = sorted(set(only) - set(names))
+    if missing:
+      raise UserError(f"--only names {missing}, not in sweep {path}; its variants: {names}.")
+    sweep["variants"] = [v for v in sweep["variants"] if v["name"] in set(only)]
   return sweep
 
 
@@ -345,7 +354,7 @@ def main(argv):
     if kernels:
       print(format_kernels(kernels), flush=True)
     return
-  sweep_def = load_sweep(FLAGS.sweep)
+  sweep_def = load_sweep(FLAGS.sweep, FLAGS.only)
   if FLAGS.config is None and not sweep_def.get("config"):
     raise UserError(f"Sweep {FLAGS.sweep!r} names no config: give --config.")
   base = FLAGS.config if FLAGS.config is not None else load_config(sweep_def["config"])
