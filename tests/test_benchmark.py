@@ -3,6 +3,8 @@
 import glob
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import vit_jft
@@ -42,6 +44,16 @@ def test_peak_tflops_by_device_kind():
   assert [round(r.get("mfu", 0), 3) for r in rows] == [0.5, 1.0, 0.625, 0]
   table = benchmark_train.format_table(rows)
   assert "50.0%" in table and "62.5%" in table and "broken" in table and "failed" in table
+
+
+def test_custom_calls_of_a_compiled_program_are_listed():
+  # What tells a GPU run that cuDNN attention (`__cudnn$fmha...`) really ran; on a CPU,
+  # eigh calls LAPACK.
+  hlo = jax.jit(jnp.linalg.eigh).lower(jnp.eye(4)).compile().as_text()
+  assert any("syevd" in t for t in benchmark_train.custom_call_targets(hlo))
+  row = dict(variant="cudnn", devices="1 x H100", batch=8, image_size=224, step_ms=1.0,
+             img_per_sec=8e3, compile_s=1.0, custom_calls=["__cudnn$fmhaSoftmax"])
+  assert "custom calls, cudnn: __cudnn$fmhaSoftmax" in benchmark_train.format_table([row])
 
 
 def test_presets_load_and_only_keeps_the_named_variants_in_order():

@@ -25,6 +25,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -155,7 +156,14 @@ def benchmark(config, num_steps: int, warmup: int, *, profile_dir=None,
           "tflop_per_step": flops / 1e12,  # per device, as XLA counts the program
           "mfu": flops / step_s / (peak_tf * 1e12) if peak_tf and flops else None,
           "peak_gib": peak_bytes / 2**30 if peak_bytes is not None else None,
-          "final_loss": float(metrics["loss"]), "kernels": kernels}
+          "final_loss": float(metrics["loss"]), "kernels": kernels,
+          "custom_calls": custom_call_targets(train_step.as_text())}
+
+
+def custom_call_targets(hlo_text: str) -> list:
+  """The library kernels the compiled step calls (e.g. `__cudnn$fmha...` for cuDNN's
+  fused attention, `__cublas$lt$matmul...`): the proof that a lever took effect."""
+  return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
 
 
 def _newest_xplane(profile_dir: str) -> str:
@@ -336,6 +344,8 @@ def format_table(rows: list) -> str:
                  f"{mfu:>6} {fmt(r.get('peak_gib'), '.2f'):>9} "
                  f"{r['compile_s']:>9.1f}")
   done = [r for r in rows if "error" not in r]
+  lines += [f"custom calls, {r['variant']}: {', '.join(r['custom_calls'])}"
+            for r in done if r.get("custom_calls")]
   devices = sorted({r["devices"] for r in done})
   lines.append(f"device: {', '.join(devices) or 'n/a'}; batch {done[0]['batch'] if done else '?'}")
   lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
