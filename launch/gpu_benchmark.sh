@@ -81,7 +81,7 @@ for stage in ${stages//,/ }; do
         --only=baseline,all --profile=/tmp/prof_resnet "--out=$out/resnet_headline.json" ;;
     levers)
       run 240 vit_levers "${train_bench[@]}" "${vit[@]}" --notorch \
-        --only=patch_matmul,attention_xla,attention_cudnn,attention_cudnn_nopad,drop_path_per_step,gelu_tanh,no_triton_gemm,cublaslt,triton_gemm_any,cudnn_layer_norm \
+        --only=patch_matmul,attention_xla,attention_cudnn,attention_cudnn_nopad,drop_path_per_step,gelu_tanh,fp8,all_fp8,no_triton_gemm,cublaslt,triton_gemm_any,cudnn_layer_norm \
         "--out=$out/vit_levers.json"
       run 60 resnet_levers "${train_bench[@]}" "${resnet[@]}" --notorch \
         --only=no_triton_gemm,cublaslt "--out=$out/resnet_levers.json" ;;

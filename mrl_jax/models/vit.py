@@ -25,6 +25,10 @@ tests/test_vit_levers.py checks each against it):
   drop_path_draw="per_step"  one bernoulli draw [depth, 2, B] for the stochastic
                          depth of every block, applied as a per-sample multiply,
                          in place of one draw per branch ("per_block").
+  matmul="fp8"           the encoder blocks' dense layers (q, k, v, out, MLP) as FP8
+                         matmuls with per-step amax scaling (models/fp8.py): one
+                         cuBLASLt FP8 GEMM each on Hopper; elsewhere the same
+                         numbers in the wide dtype. Not the patch embedding or heads.
   gelu="tanh"            the MLPs' GELU as its tanh approximation (one tanh, no
                          erf polynomial); it differs from the exact "erf" by at
                          most 4.7e-4, so it is a different model: train with it.
@@ -39,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
-from mrl_jax.models import MODELS
+from mrl_jax.models import MODELS, fp8
 
 # name -> (width, depth, heads, mlp_dim), as in big_vision; "mu" is for tests.
 SIZES = {
@@ -56,6 +60,7 @@ _PATCH_EMBEDS = ("conv", "matmul")
 _ATTENTIONS = ("einsum", "xla", "cudnn", "auto")
 _DROP_PATH_DRAWS = ("per_block", "per_step")
 _GELUS = ("erf", "tanh")
+_MATMULS = ("default", "fp8")
 _LN_EPS = 1e-6
 _dense_init = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -71,9 +76,12 @@ def parse_variant(variant: str) -> tuple[int, int, int, int, int]:
   return (*SIZES[match.group(1)], int(match.group(2)))
 
 
-def _dense(din: int, dout: int, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _dense(din: int, dout: int, dtype, param_dtype, rngs: nnx.Rngs,
+           matmul: str = "default") -> nnx.Linear:
+  dot_general = fp8.fp8_dot_general if matmul == "fp8" else jax.lax.dot_general
   return nnx.Linear(din, dout, kernel_init=_dense_init, bias_init=_zeros,
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                    dot_general=dot_general)
 
 
 def _layer_norm(width: int, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -136,7 +144,8 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, heads: int, *, attention_dropout: float,
                dropout: float, dtype, param_dtype, rngs: nnx.Rngs,
-               attention: str = "einsum", attention_pad: int = 8):
+               attention: str = "einsum", attention_pad: int = 8,
+               matmul: str = "default"):
     if attention != "einsum" and attention_dropout:
       raise ConfigError(f"attention={attention!r} has no attention dropout; use "
                         "attention='einsum' or attention_dropout=0.")
@@ -144,10 +153,8 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.attention = attention
     self.attention_pad = attention_pad
-    self.query = _dense(width, width, dtype, param_dtype, rngs)
-    self.key = _dense(width, width, dtype, param_dtype, rngs)
-    self.value = _dense(width, width, dtype, param_dtype, rngs)
-    self.out = _dense(width, width, dtype, param_dtype, rngs)
+    self.query, self.key, self.value, self.out = (
+        _dense(width, width, dtype, param_dtype, rngs, matmul) for _ in range(4))
     self.attn_drop = nnx.Dropout(attention_dropout, rngs=rngs)
     self.proj_drop = nnx.Dropout(dropout, rngs=rngs)
 
@@ -180,9 +187,9 @@ class Mlp(nnx.Module):
   """Two-layer GELU MLP: exact erf GELU by default, as timm and big_vision."""
 
   def __init__(self, width: int, mlp_dim: int, *, dropout: float, dtype,
-               param_dtype, rngs: nnx.Rngs, gelu: str = "erf"):
-    self.fc1 = _dense(width, mlp_dim, dtype, param_dtype, rngs)
-    self.fc2 = _dense(mlp_dim, width, dtype, param_dtype, rngs)
+               param_dtype, rngs: nnx.Rngs, gelu: str = "erf", matmul: str = "default"):
+    self.fc1 = _dense(width, mlp_dim, dtype, param_dtype, rngs, matmul)
+    self.fc2 = _dense(mlp_dim, width, dtype, param_dtype, rngs, matmul)
     self.drop = nnx.Dropout(dropout, rngs=rngs)
     self.approximate = gelu == "tanh"
 
@@ -198,14 +205,15 @@ class Block(nnx.Module):
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout: float,
                attention_dropout: float, drop_path: float, dtype, param_dtype,
                rngs: nnx.Rngs, attention: str = "einsum", attention_pad: int = 8,
-               gelu: str = "erf"):
+               gelu: str = "erf", matmul: str = "default"):
     self.norm1 = _layer_norm(width, dtype, param_dtype, rngs)
     self.attn = Attention(width, heads, attention_dropout=attention_dropout,
                           dropout=dropout, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs, attention=attention, attention_pad=attention_pad)
+                          rngs=rngs, attention=attention, attention_pad=attention_pad,
+                          matmul=matmul)
     self.norm2 = _layer_norm(width, dtype, param_dtype, rngs)
     self.mlp = Mlp(width, mlp_dim, dropout=dropout, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs, gelu=gelu)
+                   param_dtype=param_dtype, rngs=rngs, gelu=gelu, matmul=matmul)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, scales: Optional[jax.Array] = None, *,
@@ -257,12 +265,13 @@ class ViT(nnx.Module):
                attention_dropout: float = 0.0, stochastic_depth: float = 0.0,
                dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                patch_embed: str = "conv", attention: str = "einsum", attention_pad: int = 8,
-               drop_path_draw: str = "per_block", gelu: str = "erf"):
+               drop_path_draw: str = "per_block", gelu: str = "erf",
+               matmul: str = "default"):
     width, depth, heads, mlp_dim, patch = parse_variant(variant)
     for name, value, valid in (("patch_embed", patch_embed, _PATCH_EMBEDS),
                                ("attention", attention, _ATTENTIONS),
                                ("drop_path_draw", drop_path_draw, _DROP_PATH_DRAWS),
-                               ("gelu", gelu, _GELUS)):
+                               ("gelu", gelu, _GELUS), ("matmul", matmul, _MATMULS)):
       if value not in valid:
         raise ConfigError(f"Unknown ViT {name} {value!r}; valid: {list(valid)}.")
     if image_size % patch:
@@ -294,7 +303,7 @@ class ViT(nnx.Module):
         Block(width, heads, mlp_dim, dropout=dropout,
               attention_dropout=attention_dropout, drop_path=float(rate),
               dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention,
-              attention_pad=attention_pad, gelu=gelu)
+              attention_pad=attention_pad, gelu=gelu, matmul=matmul)
         for rate in rates])
     self.norm = _layer_norm(width, dtype, param_dtype, rngs)
     if pool == "map":
