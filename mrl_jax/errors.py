@@ -28,3 +28,8 @@ class DataError(UserError, ValueError):
   """A malformed record or a label the config cannot hold; the message names the
   file or record and the fix. Unlike a corrupt image, this stops the run: it means
   the dataset or the config is wrong, and skipping would train on wrong labels."""
+
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint cannot be written (unwritable directory, full disk), or the one asked
+  for is corrupt; the message says which file and what to do."""

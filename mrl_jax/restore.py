@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mrl_jax import checkpointing, data, experiment, optim, paths, sharding, steps
+from mrl_jax import checkpoint_read, data, experiment, optim, paths, sharding, steps
 from mrl_jax.data import pipeline
 from mrl_jax.embeddings import (Embeddings, ShardWriter, clear_process_files, embeddings_dir,
                                 is_complete, read_embeddings, write_index)
@@ -56,7 +56,7 @@ def load_run(config: Any, workdir: str, step: Optional[int] = None,
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
-  state, step = checkpointing.restore_state(
+  state, step = checkpoint_read.restore_state(
       workdir, target, step, checksums=config.checkpoint.verify_checksums)
   return Run(config, mesh, graphdef, state, shardings, step, dims)
 

@@ -19,7 +19,8 @@ import pytest
 from etils import epath
 
 from configs import demo
-from mrl_jax import checkpoint_manifest, checkpointing, sharding
+from mrl_jax import checkpoint_manifest, checkpoint_read, checkpointing, sharding
+from mrl_jax.errors import CheckpointError
 from tests.fake_bucket import BUCKET
 
 FSDP8 = {"data": 1, "fsdp": 8, "model": 1}
@@ -165,15 +166,15 @@ def test_explicitly_requested_corrupt_step_raises_naming_the_file(run):
   _flip_a_byte(run / "checkpoints" / "2" / data_file)
   mesh = _mesh()
   params = _state(0, mesh)["params"]
-  with pytest.raises(checkpointing.CheckpointError) as error:
-    checkpointing.init_params(str(run / "checkpoints" / "2"), params)
+  with pytest.raises(CheckpointError) as error:
+    checkpoint_read.init_params(str(run / "checkpoints" / "2"), params)
   message = str(error.value)
   assert data_file in message and "init_from=" in message and "[1, 2]" in message, message
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         _state(0, mesh))
-  with pytest.raises(checkpointing.CheckpointError, match="--step"):
-    checkpointing.restore_state(str(run), target)  # the latest, 2
-  state, step = checkpointing.restore_state(str(run), target, step=1)
+  with pytest.raises(CheckpointError, match="--step"):
+    checkpoint_read.restore_state(str(run), target)  # the latest, 2
+  state, step = checkpoint_read.restore_state(str(run), target, step=1)
   assert step == 1 and int(state["step"]) == 1
   assert os.path.isdir(run / "checkpoints" / "2")  # read only: nothing set aside
 
@@ -196,5 +197,5 @@ def test_manifests_and_checks_work_on_a_bucket(saved, bucket):  # pylint: disabl
   damaged = bytearray((step_dir / data_file).read_bytes())
   damaged[len(damaged) // 2] ^= 0x10
   (step_dir / data_file).write_bytes(bytes(damaged))
-  with pytest.raises(checkpointing.CheckpointError, match=data_file):
-    checkpointing.init_params(f"{BUCKET}/run", {"w": np.zeros(4096, np.float32)})
+  with pytest.raises(CheckpointError, match=data_file):
+    checkpoint_read.init_params(f"{BUCKET}/run", {"w": np.zeros(4096, np.float32)})

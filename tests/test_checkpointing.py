@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mrl_jax import checkpointing, config_checks, data, experiment, save_timer, sharding
+from mrl_jax import (checkpoint_read, checkpointing, config_checks, data, experiment,
+                     save_timer, sharding)
 from mrl_jax.data import pipeline
-from mrl_jax.errors import ConfigError
+from mrl_jax.errors import CheckpointError, ConfigError
 from mrl_jax.tools import benchmark_checkpoint
 
 FSDP8 = {"data": 1, "fsdp": 8, "model": 1}
@@ -140,7 +141,7 @@ def test_full_disk_fails_clearly_and_keeps_previous_checkpoints(saved_run, tmp_p
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, hard))  # files over 16 KiB: EFBIG
   try:
-    with pytest.raises(checkpointing.CheckpointError) as error:
+    with pytest.raises(CheckpointError) as error:
       ckpt.maybe_save(3, state, {"grain": {}, "skipped": 0}, force=True)
       ckpt.wait()
   finally:
@@ -159,7 +160,7 @@ def test_full_disk_fails_clearly_and_keeps_previous_checkpoints(saved_run, tmp_p
 def test_unwritable_workdir_is_reported_before_anything_runs(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  with pytest.raises(checkpointing.CheckpointError, match="writable directory"):
+  with pytest.raises(CheckpointError, match="writable directory"):
     checkpointing.check_writable(str(blocker / "workdir"))
 
 
@@ -184,8 +185,8 @@ def test_fine_tuning_loads_the_selected_params_that_fit(saved_run):
   fresh = _host(exp.state["params"])
   saved = saved_run["saved"][2]["params"]
   for regex in ("", "^backbone/"):
-    params, report = checkpointing.init_params(saved_run["workdir"], exp.state["params"],
-                                               regex)
+    params, report = checkpoint_read.init_params(saved_run["workdir"], exp.state["params"],
+                                                 regex)
     got = _host(params)
     loaded = ("backbone",) if regex else ("backbone", "neck")  # the neck fits too
     for name in ("backbone", "neck", "head"):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mrl_jax import checkpointing, evaluators, inference, restore
+from mrl_jax import checkpoint_read, evaluators, inference, restore
 from mrl_jax.errors import ConfigError, DataError, MissingFileError
 from mrl_jax.interop import flat, timm_vit, torch_files
 from mrl_jax.tools import export, import_weights
@@ -63,7 +63,7 @@ def test_config_py_rebuilds_the_detected_config(imported):
 def test_fine_tuning_reads_every_imported_parameter(imported):
   out, _ = imported
   model = inference.load(out)
-  params, report = checkpointing.init_params(out, model.params)
+  params, report = checkpoint_read.init_params(out, model.params)
   assert report[0].startswith("Initialised from") and " not loaded " not in "\n".join(report)
   for a, b in zip(flat.flatten(params, {}).values(), flat.flatten(model.params, {}).values()):
     np.testing.assert_array_equal(a, b)

@@ -58,8 +58,8 @@ def test_the_head_knows_no_backbone():
 
 
 @pytest.mark.parametrize("forbidden", [
-    "mrl_jax.checkpointing", "orbax", "orbax.checkpoint", "mrl_jax.restore", "mrl_jax.inference",
-    "mrl_jax.embed", "mrl_jax.train", "mrl_jax.experiment", "mrl_jax.cli"])
+    "mrl_jax.checkpointing", "mrl_jax.checkpoint_read", "orbax", "orbax.checkpoint",
+    "mrl_jax.restore", "mrl_jax.inference", "mrl_jax.embed", "mrl_jax.train", "mrl_jax.experiment", "mrl_jax.cli"])
 def test_evaluators_receive_functions_not_the_run(forbidden):
   assert _importers_of({forbidden}, among=lambda n: n.startswith("mrl_jax.evaluators")) == []
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from configs import vit_b16_i1k
-from mrl_jax import (checkpointing, embeddings, evaluators, inference, paths, restore,
-                     train)
+from mrl_jax import (checkpoint_read, checkpointing, embeddings, evaluators, inference, paths,
+                     restore, train)
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluators import runner
 from mrl_jax.interop import flat
@@ -107,9 +107,10 @@ def _checkpoints_on_local_disk(monkeypatch, root):
     workdir = os.fspath(workdir)
     return workdir if paths.is_local(workdir) else str(root / workdir.replace("://", "/"))
 
-  for name in ("Checkpointer", "check_writable", "restore_state"):
-    original = getattr(checkpointing, name)
-    monkeypatch.setattr(checkpointing, name,
+  for module, name in ((checkpointing, "Checkpointer"), (checkpointing, "check_writable"),
+                       (checkpoint_read, "restore_state")):
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name,
                         lambda workdir, *a, _f=original, **k: _f(local(workdir), *a, **k))
 
 
