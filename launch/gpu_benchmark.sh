@@ -13,8 +13,9 @@
 # Default: all four. BUDGET_S (default 420) bounds the whole call: a stage whose
 # estimate does not fit in what is left is skipped and named, so one call always
 # returns its results, and a second call can run the rest (STAGES=levers,e2e).
-# Results: OUT_DIR/gpu_benchmark.log (the tables, the top kernels) and one JSON file
-# per sweep. Where grain, ml-collections or simplejpeg is missing (the GPU image lacks
+# Results, two files (a device call brings back few): OUT_DIR/gpu_benchmark.log (the
+# tables, the top kernels) and OUT_DIR/results.json ({run name: its rows}), updated
+# after every run. Where grain, ml-collections or simplejpeg is missing (the GPU image lacks
 # them), the wheels in .whl/ are installed first; `launch/gpu_wheels.sh` downloads them.
 #
 # Environment (for a smaller machine, or a CPU smoke run): VIT_CONFIG, RESNET_CONFIG,
@@ -35,6 +36,7 @@ torch_flag=--torch
 [[ ${TORCH:-1} == 1 ]] || torch_flag=--notorch
 start=$SECONDS
 
+parts=$(mktemp -d)  # one JSON file per run, merged into results.json after each
 mkdir -p "$out"
 log=$out/gpu_benchmark.log
 exec > >(tee -a "$log") 2>&1
@@ -60,6 +62,20 @@ run() {
   echo "== $name ($(left) s left): $*"
   [[ $dry_run == 1 ]] && return 0
   timeout --kill-after=10 "$(left)" "$@" || echo "== $name ended with exit $?"
+  python3 - "$parts" "$out/results.json" <<'MERGE'
+import glob, json, os, sys
+parts, target = sys.argv[1:]
+results = {}
+if os.path.exists(target):  # an earlier call's runs into the same OUT_DIR stay
+  with open(target) as f:
+    results = json.load(f)
+for path in sorted(glob.glob(os.path.join(parts, "*.json"))):
+  with open(path) as f:
+    results[os.path.basename(path)[:-5]] = json.load(f)
+with open(target + ".tmp", "w") as f:
+  json.dump(results, f, indent=1)
+os.replace(target + ".tmp", target)
+MERGE
 }
 
 train_bench=(python3 -m mrl_jax.tools.benchmark_train "--steps=$steps" --warmup=5)
@@ -76,28 +92,28 @@ for stage in ${stages//,/ }; do
     headline)
       run 200 vit_headline "${train_bench[@]}" "${vit[@]}" "$torch_flag" \
         --only=baseline,all_model_options,all --profile=/tmp/prof_vit \
-        "--out=$out/vit_headline.json"
+        "--out=$parts/vit_headline.json"
       run 120 resnet_headline "${train_bench[@]}" "${resnet[@]}" "$torch_flag" \
-        --only=baseline,all --profile=/tmp/prof_resnet "--out=$out/resnet_headline.json" ;;
+        --only=baseline,all --profile=/tmp/prof_resnet "--out=$parts/resnet_headline.json" ;;
     levers)
       run 240 vit_levers "${train_bench[@]}" "${vit[@]}" --notorch \
         --only=patch_matmul,attention_xla,attention_cudnn,attention_cudnn_nopad,drop_path_per_step,gelu_tanh,fp8,all_fp8,no_triton_gemm,cublaslt,triton_gemm_any,cudnn_layer_norm \
-        "--out=$out/vit_levers.json"
+        "--out=$parts/vit_levers.json"
       run 60 resnet_levers "${train_bench[@]}" "${resnet[@]}" --notorch \
-        --only=no_triton_gemm,cublaslt "--out=$out/resnet_levers.json" ;;
+        --only=no_triton_gemm,cublaslt "--out=$parts/resnet_levers.json" ;;
     overhead)
       run 120 vit_overhead "${train_bench[@]}" "${vit[@]}" --notorch \
-        --only=baseline,mrl_none,jft_classes,jft_classes_mrl_none "--out=$out/vit_overhead.json"
+        --only=baseline,mrl_none,jft_classes,jft_classes_mrl_none "--out=$parts/vit_overhead.json"
       run 100 resnet_overhead "${train_bench[@]}" "${resnet[@]}" --notorch \
         --only=baseline,mrl_none,jft_classes,jft_classes_mrl_none \
-        "--out=$out/resnet_overhead.json" ;;
+        "--out=$parts/resnet_overhead.json" ;;
     e2e)
       for model in vit resnet; do
         config=$vit_config
         [[ $model == resnet ]] && config=$resnet_config
         run 90 "${model}_e2e" python3 -m mrl_jax.tools.benchmark_end_to_end \
           "--config=$config" "--config.input.batch_size=$batch" "--workers=$workers" \
-          "--steps=$steps" --data_dir=/tmp/mrl_jax_e2e_shards "--out=$out/${model}_e2e.json"
+          "--steps=$steps" --data_dir=/tmp/mrl_jax_e2e_shards "--out=$parts/${model}_e2e.json"
       done ;;
     *) echo "error: unknown stage '$stage' (headline, levers, overhead, e2e)"; exit 2 ;;
   esac

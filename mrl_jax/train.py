@@ -57,12 +57,7 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
   evals = runner.TrainingEvaluations(config, workdir, dims, writer,
                                      _round_opener(config, workdir, mesh, exp))
   ckpt = checkpointing.Checkpointer(workdir, config, dims, mesh)
-  host_batches = pipeline.train_iterator(
-      train_source, data.build_preprocess(config.input, "train",
-                                          num_classes=config.num_classes),
-      global_batch=config.input.batch_size, seed=config.seed,
-      num_classes=config.num_classes, multi_label=config.input.multi_label,
-      workers=config.input.workers)
+  host_batches = train_batches(config, train_source)
   state, step = ckpt.restore_or_init(state, host_batches)  # Before prefetching starts.
   batches = pipeline.prefetch_to_device(host_batches, batch_sharding)
   guard = fault_tolerance.NonFiniteGuard(config.checkpoint.max_nonfinite_in_a_row,
@@ -117,6 +112,17 @@ def train_and_evaluate(config: Any, workdir: str) -> Dict[str, Any]:
                step, wall, progress.mean_rate, table)
   return {"dims": list(dims), **{k: [float(x) for x in v] for k, v in results.items()},
           "steps": step, "wall_seconds": wall, "train_img_per_sec": progress.mean_rate}
+
+
+def train_batches(config: Any, source) -> pipeline.HostIterator:
+  """The host-local train batches of `source` as training reads them: the config's
+  preprocessing and batch ops, its seed, `input.workers` grain processes. (The
+  end-to-end benchmark measures this very iterator.)"""
+  return pipeline.train_iterator(
+      source, data.build_preprocess(config.input, "train", num_classes=config.num_classes),
+      global_batch=config.input.batch_size, seed=config.seed,
+      num_classes=config.num_classes, multi_label=config.input.multi_label,
+      workers=config.input.workers)
 
 
 def _round_opener(config: Any, workdir: str, mesh, exp):

@@ -8,8 +8,9 @@ candidate sees the same JPEG bytes (held in memory, so disk speed is not
 measured) in the same order with the same random crops and flips; candidates
 take turns within each pass, so a noisy neighbour on a shared machine slows
 them alike, and the median pass is reported. Without --image_dir, ImageNet-
-like JPEGs are generated: 400–500 × 330–375 pixels, smooth colour fields,
-blobs, texture and sensor-like noise, quality 90 (~80–100 KB each).
+like JPEGs are generated (mrl_jax/tools/synthetic_jpegs.py): 400–500 × 330–375
+pixels, smooth colour fields, blobs, texture and sensor-like noise, quality 90
+(~80–100 KB each).
 
 The naive baseline is what a plain torchvision/PIL loader does:
 Image.open → convert("RGB") → crop → resize(224, BILINEAR) → flip for
@@ -40,6 +41,7 @@ from PIL import Image
 from mrl_jax import cli
 from mrl_jax.data import image_ops, preprocess
 from mrl_jax.errors import MissingFileError
+from mrl_jax.tools import synthetic_jpegs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 200, "JPEGs to generate (or to read from --image_dir).")
@@ -58,34 +60,11 @@ EVAL_SPEC = "decode|resize_small(256)|central_crop(224)"
 WARMUP_IMAGES = 20
 
 
-def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90
-                   ) -> bytes:
-  """A JPEG whose statistics resemble a photo: smooth fields, edges, texture, noise."""
-  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-  image = np.empty((height, width, 3), np.float32)
-  for c in range(3):
-    a, b, phase = rng.uniform(-1, 1, 3)
-    image[..., c] = 128 + 80 * np.sin(a * xx / 40 + b * yy / 30 + 6 * phase)
-  for _ in range(6):  # objects with hard edges
-    cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 120)
-    inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-    image[inside] = 0.5 * image[inside] + 0.5 * rng.uniform(0, 255, 3)
-  texture = rng.normal(0, 1, (height // 4 + 1, width // 4 + 1, 3)).astype(np.float32)
-  image += 25 * np.kron(texture, np.ones((4, 4, 1), np.float32))[:height, :width]
-  image += rng.normal(0, 12, image.shape).astype(np.float32)
-  buffer = io.BytesIO()
-  Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG",
-                                                                quality=quality)
-  return buffer.getvalue()
-
-
 def load_images(image_dir: str, num_images: int, quality: int = 90, seed: int = 0
                 ) -> List[bytes]:
   """`num_images` JPEGs from `image_dir` (sorted paths), or generated ones."""
   if not image_dir:
-    rng = np.random.default_rng(seed)
-    return [synthetic_jpeg(rng, int(rng.integers(400, 501)), int(rng.integers(330, 376)),
-                           quality) for _ in range(num_images)]
+    return synthetic_jpegs.generate(num_images, quality, seed)
   paths = sorted(p for p in glob.glob(os.path.join(image_dir, "**", "*"), recursive=True)
                  if p.lower().endswith((".jpg", ".jpeg")))[:num_images]
   if not paths:

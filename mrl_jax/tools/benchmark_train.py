@@ -21,7 +21,6 @@ program again, with `--variant=NAME` and XLA_FLAGS set. `--profile=DIR` writes a
 import collections
 import copy
 import glob
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -40,6 +39,7 @@ from ml_collections import config_flags
 from configs import common
 from mrl_jax import cli, config_checks, experiment, sharding, xla_flags
 from mrl_jax.errors import UserError
+from mrl_jax.tools import benchmark_env
 
 FLAGS = flags.FLAGS
 SWEEPS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeps")
@@ -82,16 +82,6 @@ def peak_tflops(device_kind: str, override=None):
   if override:
     return float(override)
   return next((v for k, v in PEAK_TFLOPS if k.lower() in device_kind.lower()), None)
-
-
-def versions() -> dict:
-  out = {}
-  for name in ("jax", "jaxlib", "flax", "optax", "torch"):
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = "n/a"
-  return out
 
 
 def _flops(compiled) -> float:
@@ -149,8 +139,8 @@ def benchmark(config, num_steps: int, warmup: int, *, profile_dir=None,
   peak_bytes = _peak_bytes()
   return {"model": f"{config.model.name} {config.model.variant}", "mode": config.mrl.mode,
           "dtype": config.model.dtype, "batch": b, "image_size": s,
-          "devices": f"{jax.device_count()} x {device.device_kind}",
-          "jax": jax.__version__, "flax": versions()["flax"],
+          "devices": benchmark_env.devices(),
+          "jax": jax.__version__, "flax": benchmark_env.versions()["flax"],
           "compile_s": round(compile_s, 2), "step_ms": round(1000 * step_s, 2),
           "img_per_sec": round(b * num_steps / elapsed, 1),
           "tflop_per_step": flops / 1e12,  # per device, as XLA counts the program
@@ -348,7 +338,7 @@ def format_table(rows: list) -> str:
             for r in done if r.get("custom_calls")]
   devices = sorted({r["devices"] for r in done})
   lines.append(f"device: {', '.join(devices) or 'n/a'}; batch {done[0]['batch'] if done else '?'}")
-  lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+  lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in benchmark_env.versions().items()))
   return "\n".join(lines)
 
 

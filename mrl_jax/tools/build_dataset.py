@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import queue as queue_lib
-import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -35,7 +34,7 @@ from PIL import Image
 from mrl_jax import cli
 from mrl_jax.data import records
 from mrl_jax.errors import ConfigError, MissingFileError
-from mrl_jax.tools import dataset_inputs
+from mrl_jax.tools import dataset_inputs, progress_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input_dir", None, "Image folder: INPUT/{split}/{class_name}/*.jpg.")
@@ -165,36 +164,8 @@ def _write_in_worker(task: ShardTask) -> Dict[str, Any]:
   return write_shard(task, lambda done, skipped: _queue.put((done, skipped)))
 
 
-class Progress:
-  """One status line (rewritten in place on a terminal, every 5 s in a log)."""
-
-  def __init__(self, total: int, stream=sys.stderr):
-    self.total, self.done, self.skipped = total, 0, 0
-    self.stream, self.tty = stream, stream.isatty()
-    self.start = self.last = time.monotonic()
-
-  def add(self, done: int, skipped: int):
-    self.done += done
-    self.skipped += skipped
-    self.show()
-
-  def show(self, final: bool = False):
-    now = time.monotonic()
-    if not final and now - self.last < (0.5 if self.tty else 5.0):
-      return
-    self.last = now
-    rate = self.done / max(now - self.start, 1e-9)
-    eta = (self.total - self.done) / rate if rate else float("inf")
-    line = (f"{self.done}/{self.total} images ({self.skipped} skipped), {rate:.0f} img/s, "
-            f"ETA {eta:.0f} s")
-    if self.tty:
-      self.stream.write(f"\r{line:<72}" + ("\n" if final else ""))
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-
-
-def _run(tasks: List[ShardTask], workers: int, progress: Progress) -> List[Dict[str, Any]]:
+def _run(tasks: List[ShardTask], workers: int,
+         progress: progress_line.Progress) -> List[Dict[str, Any]]:
   if workers <= 1 or len(tasks) == 1:
     return [write_shard(t, progress.add) for t in tasks]
   context = multiprocessing.get_context("spawn")  # No fork of a threaded parent.
@@ -249,7 +220,7 @@ def convert(inputs: dataset_inputs.Inputs, split: str, output_dir: str, num_shar
   if others:
     logging.warning("%d shards of split %r from a build with another --num_shards (e.g. %s) "
                     "are not part of this one; delete them.", len(others), split, min(others))
-  progress = Progress(sum(t.stop - t.start for t in todo))
+  progress = progress_line.Progress(sum(t.stop - t.start for t in todo))
   built = _run(todo, workers, progress) if todo else []
   if todo:
     progress.show(final=True)
