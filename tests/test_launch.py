@@ -26,7 +26,8 @@ OVERRIDES = ["--config.total_steps=10", "--config.mrl.nesting=(8,16)", "it's $HO
 # attempt (the last one repeats): ok, preempt, saved (exit 0 on SIGTERM), error.
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 D=$FAKE_GCLOUD_DIR
-printf '%q ' "$@" >>"$D/calls"; echo >>"$D/calls"
+# One write per call: the workers of a multi-host slice call gcloud at the same time.
+line=$(printf '%q ' "$@"); printf '%s\n' "$line" >>"$D/calls"
 case "$*" in
   "compute tpus queued-resources create "*)
     if [[ -n "$FAKE_NAME_TAKEN" ]]; then echo "ALREADY_EXISTS" >&2; exit 1; fi
