@@ -51,6 +51,10 @@ def test_shards_do_not_depend_on_the_process_count_and_are_made_once(tmp_path, m
   (one / "train.json").write_text(json.dumps(meta))
   with pytest.raises(UserError, match="not generated here"):
     synthetic_jpegs.write_shards(str(one), 8, num_classes=3)
+  (one / "train.json").unlink()  # shards without their metadata: left alone too
+  with pytest.raises(UserError, match="no train.json of generated data"):
+    synthetic_jpegs.write_shards(str(one), 8, num_classes=3)
+  assert sorted(os.listdir(one)) == ["train-00000-of-00001.array_record"]
 
 
 def _run(data_dir, *flags_):

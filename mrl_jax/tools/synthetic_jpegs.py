@@ -83,6 +83,9 @@ def write_shards(data_dir: str, num_images: int, *, num_classes: int, quality: i
   stale = glob.glob(pattern + ".tmp-*")  # an interrupted run's
   if previous is not None:  # ours, made with other arguments
     stale += glob.glob(pattern)
+  elif glob.glob(pattern):  # shards no metadata of ours describes: not ours to replace
+    raise UserError(f"{data_dir} holds {split} shards but no {split}.json of generated "
+                    "data; give a --data_dir of its own to the generated shards.")
   for path in stale:
     os.remove(path)
   stream.write(f"Generating {num_images} ImageNet-like JPEGs (quality {quality}) into "
